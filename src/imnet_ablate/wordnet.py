@@ -6,12 +6,16 @@ first hypernym (the authors' convention); its *depth* is the number of first-par
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 
+from .errors import UserError
 from .store import file_sha256
 
 DATA_FILE = "wordnet.tsv"
+WNID = re.compile(r"n\d{8}")
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,165 @@ def load() -> Hierarchy:
         parents={r[0]: tuple(r[3].split()) for r in rows},
         checksum=checksum,
     )
+
+
+# -- groupings ----------------------------------------------------------------------------------------------------
+# A grouping maps every class wnid to the wnid of its merged class (itself or a first-parent ancestor). Groupings are
+# computed on all 1000 classes, as the authors did, so a merged class means the same thing in every subset.
+
+Grouping = dict[str, str]
+
+
+def identity(h: Hierarchy) -> Grouping:
+    return {c: c for c in h.classes}
+
+
+def bottom_up_steps(h: Hierarchy) -> list[Grouping]:
+    """Every level of the authors' bottom-up merge (999, 977, ..., 1 classes).
+
+    At each step every label at the current maximum depth is replaced by its first parent, so the deepest
+    (finest) classes merge first and the maximum depth drops by one per step.
+    """
+    depth = functools.cache(h.depth)
+    mapping, steps = identity(h), []
+    while (deepest := max(depth(label) for label in mapping.values())) > 0:
+        mapping = {c: h.first_parent[label] if depth(label) == deepest else label for c, label in mapping.items()}
+        steps.append(mapping)
+    return steps
+
+
+def top_down_steps(h: Hierarchy) -> list[Grouping]:
+    """Every level of the authors' top-down merge (127, 10, 2 classes).
+
+    Each step replaces each label by its first parent, then maps each label to its highest ancestor-or-self that is
+    also a label, so a label never sits below another one.
+    """
+    mapping, steps = identity(h), []
+    while len(set(mapping.values())) > 1:
+        mapping = {c: h.first_parent[label] or label for c, label in mapping.items()}
+        labels = set(mapping.values())
+        highest = {label: [a for a in h.chain(label) if a in labels][-1] for label in labels}
+        mapping = {c: highest[label] for c, label in mapping.items()}
+        steps.append(mapping)
+    return steps
+
+
+def _pick_level(steps: list[Grouping], target: int, method: str) -> Grouping:
+    for mapping in steps:
+        if len(set(mapping.values())) == target:
+            return mapping
+    levels = ", ".join(str(len(set(m.values()))) for m in steps)
+    raise UserError(f"subset.grouping={method}-{target}: {method} merging never gives {target} classes; "
+                    f"expected one of {levels}")
+
+
+def bottom_up(h: Hierarchy, target: int) -> Grouping:
+    """The bottom-up grouping with exactly ``target`` classes (the paper used 918, 753, 486, 79, 9)."""
+    return _pick_level(bottom_up_steps(h), target, "bottom-up")
+
+
+def top_down(h: Hierarchy, target: int) -> Grouping:
+    """The top-down grouping with exactly ``target`` classes (the paper used 127)."""
+    return _pick_level(top_down_steps(h), target, "top-down")
+
+
+def merge_to_depth(h: Hierarchy, depth: int) -> Grouping:
+    """Each class mapped to its first-parent ancestor at ``depth`` (itself when it is not deeper than that)."""
+    return {c: h.chain(c)[::-1][min(depth, h.depth(c))] for c in h.classes}
+
+
+def parse_grouping(h: Hierarchy, spec: str | None) -> Grouping:
+    """``null`` | ``bottom-up-<N>`` | ``top-down-<N>`` | ``depth-<d>`` -> a grouping of all 1000 classes."""
+    if spec is None:
+        return identity(h)
+    match = re.fullmatch(r"(bottom-up|top-down|depth)-(\d+)", str(spec))
+    if match is None:
+        raise UserError(f"subset.grouping={spec}: unknown grouping; expected null, bottom-up-<N>, top-down-<N> or "
+                        "depth-<d>")
+    method, n = match[1], int(match[2])
+    return {"bottom-up": bottom_up, "top-down": top_down, "depth": merge_to_depth}[method](h, n)
+
+
+# -- exclusion ----------------------------------------------------------------------------------------------------
+# One synset per excluded target class. PASCAL: the authors' label_sets/pascal/common_pascal_fine.txt; it removes
+# exactly their 229 classes. Its cow (n01887787) is above no ImageNet class, so removes none, and its pottedplant is
+# plant/flora (n00017222), which removes daisy and yellow lady's slipper.
+PASCAL: dict[str, str] = {
+    "aeroplane": "n02691156", "bicycle": "n02834778", "bird": "n01503061", "boat": "n02858304",
+    "bottle": "n02876657", "bus": "n02924116", "car": "n02958343", "cat": "n02121620", "chair": "n03001627",
+    "cow": "n01887787", "diningtable": "n03201208", "dog": "n02084071", "horse": "n02374451",
+    "motorbike": "n03769722", "person": "n00007846", "pottedplant": "n00017222", "sheep": "n02411705",
+    "sofa": "n04256520", "train": "n04468005", "tvmonitor": "n03782006",
+}
+# The literal reading: cattle (n02402425) for cow, flowerpot (n03991062) for pottedplant. Also 229 classes, but
+# ox and pot are removed instead of daisy and yellow lady's slipper.
+PASCAL_LITERAL: dict[str, str] = {**PASCAL, "cow": "n02402425", "pottedplant": "n03991062"}
+EXCLUDE_PRESETS: dict[str, dict[str, str]] = {"pascal": PASCAL, "pascal-literal": PASCAL_LITERAL}
+
+
+def ancestors(h: Hierarchy, wnid: str) -> set[str]:
+    """``wnid`` and every synset above it along all hypernym paths."""
+    seen, todo = set(), [wnid]
+    while todo:
+        if (w := todo.pop()) not in seen:
+            seen.add(w)
+            todo.extend(h.parents[w])
+    return seen
+
+
+def excluded(h: Hierarchy, synsets: Iterable[str]) -> set[str]:
+    """Classes that are a kind of any of ``synsets``: the synset is an ancestor-or-self along any hypernym path.
+
+    (Along first parents only gives the same 229 for PASCAL; all paths is the safer rule for other synsets.)
+    """
+    synsets = set(synsets)
+    return {c for c in h.classes if ancestors(h, c) & synsets}
+
+
+def exclude_synsets(h: Hierarchy, spec: object) -> dict[str, list[str]]:
+    """``subset.exclude`` (a preset name, a list of wnids, or {target class: wnid or [wnids]}) -> {target: [wnids]}.
+
+    Synsets need not be in the packaged file's ancestors (a synset above no class excludes nothing), but they must
+    look like wnids.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        if spec not in EXCLUDE_PRESETS:
+            raise UserError(f"subset.exclude={spec}: unknown preset; expected one of {', '.join(EXCLUDE_PRESETS)}, "
+                            "a list of synset wnids, or {{name: wnid}}")
+        return {k: [v] for k, v in EXCLUDE_PRESETS[spec].items()}
+    if isinstance(spec, Mapping):
+        out = {str(k): [v] if isinstance(v, str) else list(v) for k, v in spec.items()}
+    elif isinstance(spec, Iterable):
+        out = {str(w): [str(w)] for w in spec}
+    else:
+        raise UserError(f"subset.exclude={spec}: expected a preset name, a list of synset wnids, or {{name: wnid}}")
+    bad = sorted({w for ws in out.values() for w in ws if not WNID.fullmatch(str(w))})
+    if bad:
+        raise UserError(f"subset.exclude: {', '.join(bad)} not synset wnids; expected n + 8 digits, e.g. n02084071")
+    return out
+
+
+# -- halves -------------------------------------------------------------------------------------------------------
+
+
+def min_overlap_order(h: Hierarchy) -> list[str]:
+    """The classes in depth-first order of the first-parent tree (children by wnid).
+
+    Cutting this order anywhere splits only the subtrees on the path to the cut, so its two 500-class halves keep
+    every other subtree whole: the minimal-WordNet-overlap split.
+    """
+    return sorted(h.classes, key=lambda c: h.chain(c)[::-1])
+
+
+def halves(h: Hierarchy, kind: str, rank: Callable[[str], object]) -> tuple[list[str], list[str]]:
+    """Two 500-class halves: ``min`` (whole subtrees together) or ``random`` (by ``rank``, a seeded key)."""
+    order = min_overlap_order(h) if kind == "min" else sorted(h.classes, key=rank)
+    mid = len(order) // 2
+    return sorted(order[:mid]), sorted(order[mid:])
+
+
+def shared_synsets(h: Hierarchy, a: Iterable[str], b: Iterable[str]) -> set[str]:
+    """Synsets (along first parents) with classes in both ``a`` and ``b``: a measure of the halves' overlap."""
+    return {s for c in a for s in h.chain(c)} & {s for c in b for s in h.chain(c)}

@@ -1,0 +1,225 @@
+"""Listing of an ImageNet copy: which image files each class has, in train and val. Never opens an image.
+
+A 1.28M-file scan takes seconds, so it is done once and cached under ``<paths.cache>/listings/``. The cache key
+covers the root path and the mtime of ``train/``, ``val/`` and every class folder (a folder's mtime changes when a
+file is added, removed or renamed in it), or the mtime and size of the listing/label files, so a changed tree is
+rescanned and an unchanged one is read back in well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import store
+from .errors import UserError
+from .wordnet import WNID
+
+log = logging.getLogger(__name__)
+
+# The extensions torchvision's ImageFolder accepts; anything else in a class folder is ignored, like there.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_VERSION = "1"
+
+ClassFiles = dict[str, list[str]]  # wnid -> sorted paths relative to the ImageNet root
+
+
+@dataclass(frozen=True)
+class Listing:
+    root: Path
+    train: ClassFiles
+    val: ClassFiles
+    checksum: str  # SHA-256 of the listing's content (paths and wnids), recorded in subset manifests
+    cache_file: Path
+
+
+def _unreadable(path: Path, e: OSError) -> UserError:
+    return UserError(f"{path}: cannot read ({e.strerror or e}); expected a readable folder or file")
+
+
+def _scandir(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError as e:
+        raise _unreadable(path, e) from e
+
+
+def _stat_sig(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise _unreadable(path, e) from e
+    return f"{st.st_mtime_ns}:{st.st_size}"
+
+
+def class_folders(folder: Path, key: str) -> list[os.DirEntry]:
+    """The ``<wnid>/`` folders of ``train/`` or ``val/``; any other (non-hidden) folder is an error."""
+    dirs = [e for e in _scandir(folder) if not e.name.startswith(".") and e.is_dir()]
+    bad = sorted(e.name for e in dirs if not WNID.fullmatch(e.name))
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(f"{key}: {folder} has folders that are not wnids: {', '.join(bad[:5])}{more}; expected "
+                        "one folder per class named by its wnid (n01440764, ...)")
+    return sorted(dirs, key=lambda e: e.name)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_folders(root: Path, folders: Iterable[os.DirEntry], sub: str) -> ClassFiles:
+    """``<sub>/<wnid>/<file>`` paths of the image files in each class folder, sorted."""
+    out: ClassFiles = {}
+    for d in folders:
+        names = [e.name for e in _scandir(Path(d.path)) if _is_image(e.name) and e.is_file()]
+        _check_names(Path(d.path), names)
+        prefix = f"{sub}/{d.name}/"
+        out[d.name] = [prefix + n for n in sorted(names)]
+    return out
+
+
+def _check_names(folder: Path, names: list[str]) -> None:
+    bad = [n for n in names if "\t" in n or "\n" in n]
+    if bad:
+        raise UserError(f"{folder / bad[0]!s}: file name contains a tab or newline; expected plain file names")
+
+
+def read_train_listing(root: Path, listing: Path) -> ClassFiles:
+    """A listing file (its own path relative to the working folder): ``<path relative to data.root>[<TAB><wnid>]``
+    per line; without a wnid, the file's folder name is the wnid (``train/<wnid>/x.JPEG``)."""
+    out: ClassFiles = {}
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"data.train_listing={listing}: cannot read ({e}); expected a UTF-8 text file") from e
+    for i, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.rstrip("\r").split("\t")
+        rel = fields[0]
+        wnid = fields[1] if len(fields) > 1 else Path(rel).parent.name
+        if len(fields) > 2 or not WNID.fullmatch(wnid) or rel.startswith("/") or ".." in Path(rel).parts:
+            raise UserError(f"data.train_listing={listing}:{i}: {line!r}; expected '<path relative to data.root>"
+                            "<TAB><wnid>' or 'train/<wnid>/<file>'")
+        out.setdefault(wnid, []).append(rel)
+    if not out:
+        raise UserError(f"data.train_listing={listing}: no entries; expected one image path per line")
+    return {w: sorted(paths) for w, paths in sorted(out.items())}
+
+
+def read_flat_val(root: Path, val: Path, labels: Path) -> ClassFiles:
+    """A flat ``val/`` folder and a label file: ``<file name or stem> <wnid>`` per line (space, tab or comma
+    separated; a header line is skipped), e.g. ILSVRC's ``LOC_val_solution.csv``."""
+    files = {e.name for e in _scandir(val) if _is_image(e.name)}
+    by_stem = {Path(n).stem: n for n in files}
+    try:
+        lines = labels.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"data.val_labels={labels}: cannot read ({e}); expected a UTF-8 text file") from e
+    rel = val.relative_to(root).as_posix()
+    out: ClassFiles = {}
+    missing: list[str] = []
+    for i, line in enumerate(lines, 1):
+        fields = line.replace(",", " ").split()
+        if not fields or (i == 1 and (len(fields) < 2 or not WNID.fullmatch(fields[1]))):
+            continue  # blank or header
+        if len(fields) < 2 or not WNID.fullmatch(fields[1]):
+            raise UserError(f"data.val_labels={labels}:{i}: {line!r}; expected '<file name> <wnid>'")
+        name = fields[0] if fields[0] in files else by_stem.get(fields[0])
+        if name is None:
+            missing.append(fields[0])
+            continue
+        out.setdefault(fields[1], []).append(f"{rel}/{name}")
+    if missing:
+        raise UserError(f"data.val_labels={labels}: {len(missing)} labelled files are not in {val} (e.g. "
+                        f"{missing[0]}); expected labels for the files of data.val_dir")
+    return {w: sorted(paths) for w, paths in sorted(out.items())}
+
+
+def _checksum(train: ClassFiles, val: ClassFiles) -> str:
+    h = hashlib.sha256()
+    for split, files in (("train", train), ("val", val)):
+        for wnid, paths in files.items():
+            h.update(f"{split}\t{wnid}\t".encode())
+            h.update("\t".join(paths).encode())
+            h.update(b"\n")
+    return h.hexdigest()
+
+
+def _write_cache(path: Path, root: Path, train: ClassFiles, val: ClassFiles, checksum: str) -> None:
+    def lines() -> Iterable[str]:
+        yield f"# imnet-ablate listing v{CACHE_VERSION}\t{checksum}\t{root}\n"
+        for split, files in (("train", train), ("val", val)):
+            for wnid, paths in files.items():
+                yield "\t".join([split, wnid, *paths]) + "\n"
+
+    with store.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines())
+
+
+def _read_cache(path: Path) -> tuple[str, ClassFiles, ClassFiles] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").split("\t")
+            if header[0] != f"# imnet-ablate listing v{CACHE_VERSION}":
+                return None
+            out: dict[str, ClassFiles] = {"train": {}, "val": {}}
+            for line in f:
+                split, wnid, *paths = line.rstrip("\n").split("\t")
+                out[split][wnid] = paths
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    return header[1], out["train"], out["val"]
+
+
+def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None, val_dir: str = "val",
+                  val_labels: str | None = None) -> Listing:
+    """The train and val files of the ImageNet copy at ``root``, from the cache when the tree is unchanged."""
+    root = Path(root).resolve()
+    key = [CACHE_VERSION, str(root)]
+    train_dirs: list[os.DirEntry] = []
+    if train_listing:
+        listing_file = Path(train_listing).expanduser().resolve()
+        key += ["listing", str(listing_file), _stat_sig(listing_file)]
+    else:
+        train = root / "train"
+        if not train.is_dir():
+            raise UserError(f"data.root={root}: no train/ folder; expected train/<wnid>/*.JPEG (or set "
+                            "data.train_listing)")
+        train_dirs = class_folders(train, "data.root")
+        if not train_dirs:
+            raise UserError(f"data.root={root}: train/ has no class folders; expected train/<wnid>/*.JPEG")
+        key += ["train", _stat_sig(train), *(f"{d.name}={_stat_sig(Path(d.path))}" for d in train_dirs)]
+    val = (root / val_dir).resolve()
+    if not val.is_relative_to(root):
+        raise UserError(f"data.val_dir={val_dir}: outside data.root={root}; expected a folder under data.root")
+    val_dirs: list[os.DirEntry] = []
+    if val_labels:
+        labels_file = Path(val_labels).expanduser().resolve()
+        key += ["val-flat", _stat_sig(val), str(labels_file), _stat_sig(labels_file)]
+    elif val.is_dir():
+        val_dirs = class_folders(val, "data.val_dir")
+        if not val_dirs and any(_is_image(e.name) for e in _scandir(val)):
+            raise UserError(f"data.val_labels: {val} holds images but no <wnid>/ folders; expected "
+                            "data.val_labels=<file with '<file name> <wnid>' lines>")
+        key += ["val", _stat_sig(val), *(f"{d.name}={_stat_sig(Path(d.path))}" for d in val_dirs)]
+    key.append(f"{len(train_dirs)}:{len(val_dirs)}")
+
+    cache_file = Path(cache_dir) / "listings" / f"{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:24]}.tsv"
+    if (cached := _read_cache(cache_file)) is not None:
+        checksum, train_files, val_files = cached
+        return Listing(root, train_files, val_files, checksum, cache_file)
+
+    log.info("listing %s (first time; cached in %s)", root, cache_file)
+    train_files = read_train_listing(root, listing_file) if train_listing else scan_folders(root, train_dirs, "train")
+    if val_labels:
+        val_files = read_flat_val(root, val, labels_file)
+    else:
+        val_files = scan_folders(root, val_dirs, val.relative_to(root).as_posix())
+    checksum = _checksum(train_files, val_files)
+    _write_cache(cache_file, root, train_files, val_files, checksum)
+    return Listing(root, train_files, val_files, checksum, cache_file)

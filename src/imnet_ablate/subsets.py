@@ -1,0 +1,321 @@
+"""Pre-training subsets of ImageNet-1k: a spec (``conf/subset/*.yaml``) -> index files, never decoding an image.
+
+Order of operations: halves -> exclusion -> class selection (all / random K / wnid list / budget) -> WordNet grouping
+(computed on all 1000 classes, so merged classes mean the same in every subset) -> N images per class.
+
+Random choices rank items by ``sha1("<seed>:<item>")`` and take a prefix, so they are deterministic and nested: with
+one seed the 250-per-class subset is inside the 500-per-class one, and random 127 classes are inside random 500.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import datasets, imagenet, store, wordnet
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+KEYS = ("name", "images_per_class", "classes", "num_classes", "grouping", "exclude", "budget", "half", "seed",
+        "strict")
+HALVES = ("min-a", "min-b", "random-a", "random-b")
+SHOW_ROWS = 40  # `ablate classes` prints the largest groups; groups.tsv has them all
+
+
+def rank(seed: int, item: str) -> bytes:
+    """The seeded sort key of every random choice: a prefix of this order is a random sample, nested in N."""
+    return hashlib.sha1(f"{seed}:{item}".encode()).digest()
+
+
+def sample(paths: Sequence[str], n: int | None, seed: int) -> list[str]:
+    """The ``n`` paths of a class ranked first by their seeded hash (all of them if it has ``n`` or fewer), sorted."""
+    if n is None or n >= len(paths):
+        return list(paths)
+    return sorted(sorted(paths, key=lambda p: rank(seed, p))[:n])
+
+
+# -- spec ---------------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(spec: Mapping[str, Any], key: str, allow_none: bool = True) -> None:
+    v = spec.get(key)
+    if not ((v is None and allow_none) or (_is_int(v) and v > 0)):
+        raise UserError(f"subset.{key}={v}: expected a positive integer" + (" or null" if allow_none else ""))
+
+
+def read_spec(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.subset`` as a plain, validated dict (one line per mistake, naming the key)."""
+    spec = OmegaConf.to_container(cfg.subset, resolve=True)
+    unknown = sorted(set(spec) - set(KEYS))
+    if unknown:
+        raise UserError(f"subset: unknown key(s) {', '.join(unknown)}; expected {', '.join(KEYS)}")
+    spec = {k: spec.get(k) for k in KEYS}
+    name = spec["name"]
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise UserError(f"subset.name={name}: expected a non-empty name usable as a folder name")
+    for key in ("images_per_class", "num_classes"):
+        _positive(spec, key)
+    classes = spec["classes"]
+    if not (classes is None or (_is_int(classes) and classes > 0)
+            or (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes))):
+        raise UserError(f"subset.classes={classes}: expected null (all), a number K (random K) or a list of wnids")
+    budget = spec["budget"]
+    if budget is not None:
+        if not isinstance(budget, dict) or set(budget) != {"classes", "images_per_class"}:
+            raise UserError(f"subset.budget={budget}: expected {{classes: K, images_per_class: N}} or null")
+        for key in budget:
+            _positive(budget, key, allow_none=False)
+        if classes is not None or spec["images_per_class"] is not None:
+            raise UserError("subset.budget: sets classes and images_per_class itself; expected subset.classes and "
+                            "subset.images_per_class to be null")
+    if spec["half"] not in (None, *HALVES):
+        raise UserError(f"subset.half={spec['half']}: expected null or one of {', '.join(HALVES)}")
+    if not _is_int(spec["seed"]):
+        raise UserError(f"subset.seed={spec['seed']}: expected an integer")
+    if not isinstance(spec["strict"], bool):
+        raise UserError(f"subset.strict={spec['strict']}: expected true or false")
+    return spec
+
+
+# -- class selection ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    classes: list[str]  # original wnids kept, in class-index order
+    grouping: dict[str, str]  # kept wnid -> merged class wnid
+    excluded: list[str] = field(default_factory=list)  # removed by subset.exclude
+    images_per_class: int | None = None
+
+    def groups(self) -> dict[str, list[str]]:
+        """Merged wnid -> its member wnids; merged classes sorted by wnid, which fixes the labels 0..K-1."""
+        out: dict[str, list[str]] = {}
+        for c in self.classes:
+            out.setdefault(self.grouping[c], []).append(c)
+        return dict(sorted(out.items()))
+
+
+def _fmt(items: Sequence[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _first_ranked(pool: list[str], k: int, seed: int) -> list[str]:
+    """A random ``k`` of ``pool`` (nested in ``k`` for one seed), in ``pool``'s order."""
+    chosen = set(sorted(pool, key=lambda c: rank(seed, c))[:k])
+    return [c for c in pool if c in chosen]
+
+
+def select(h: wordnet.Hierarchy, spec: Mapping[str, Any], counts: Mapping[str, int] | None = None) -> Selection:
+    """The classes of a subset and their merged labels. ``counts`` (train images per class) is needed for budgets."""
+    seed = spec["seed"]
+    pool = list(h.classes)
+    if spec["half"]:
+        kind, part = spec["half"].split("-")
+        a, b = wordnet.halves(h, kind, lambda c: rank(seed, c))
+        pool = a if part == "a" else b
+    excluded = sorted(wordnet.excluded(h, (w for ws in wordnet.exclude_synsets(h, spec["exclude"]).values()
+                                           for w in ws)) & set(pool))
+    pool = [c for c in pool if c not in set(excluded)]
+    known, available = set(h.classes), set(pool)
+
+    n = spec["images_per_class"]
+    classes = spec["classes"]
+    if isinstance(classes, list):
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise UserError(f"subset.classes: unknown wnid(s) {_fmt(unknown)}; expected ILSVRC-2012 class wnids "
+                            "(`ablate classes` lists them)")
+        removed = [c for c in classes if c not in available]
+        if removed:
+            raise UserError(f"subset.classes: {_fmt(removed)} removed by subset.half/exclude; expected classes "
+                            "that are still in the subset")
+        pool = [c for c in pool if c in set(classes)]
+    elif isinstance(classes, int):
+        if classes > len(pool):
+            raise UserError(f"subset.classes={classes}: only {len(pool)} classes available after half/exclude; "
+                            f"expected at most {len(pool)}")
+        pool = _first_ranked(pool, classes, seed)
+    elif spec["budget"] is not None:
+        k, n = spec["budget"]["classes"], spec["budget"]["images_per_class"]
+        if counts is None:
+            raise ValueError("a budget needs the listing's counts")
+        eligible = [c for c in pool if counts.get(c, 0) >= n]
+        if k > len(pool):
+            raise UserError(f"subset.budget.classes={k}: only {len(pool)} classes available after half/exclude; "
+                            f"expected at most {len(pool)}")
+        if len(eligible) < k:
+            if spec["strict"]:
+                raise UserError(f"subset.budget: only {len(eligible)} classes have {n} or more images, {k} needed; "
+                                "strict=false picks among all classes and takes all images of the short ones")
+            log.warning("budget: only %d classes have >= %d images; picking among all %d", len(eligible), n, len(pool))
+            eligible = pool
+        pool = _first_ranked(eligible, k, seed)
+
+    grouping = wordnet.parse_grouping(h, spec["grouping"])
+    selection = Selection(pool, {c: grouping[c] for c in pool}, excluded, n)
+    expected = spec["num_classes"]
+    if expected is not None and len(selection.groups()) != expected:
+        raise UserError(f"subset.num_classes={expected}: the spec gives {len(selection.groups())} classes; expected "
+                        "num_classes to match (or null)")
+    return selection
+
+
+# -- the subset folder --------------------------------------------------------------------------------------------
+
+
+def _check_images(listing: imagenet.Listing, sel: Selection, strict: bool) -> None:
+    missing = [c for c in sel.classes if not listing.train.get(c)]
+    if missing:
+        raise UserError(f"data.root={listing.root}: no train images for {len(missing)} class(es) of the subset "
+                        f"({_fmt(missing)}); expected train/<wnid>/ with images for each")
+    n = sel.images_per_class
+    short = [c for c in sel.classes if n is not None and len(listing.train[c]) < n]
+    if short and strict:
+        detail = _fmt([f"{c}: {len(listing.train[c])}" for c in short])
+        raise UserError(f"subset.images_per_class={n}: {len(short)} class(es) have fewer images ({detail}); "
+                        "strict=false takes all images of those classes")
+    if short:
+        log.warning("%d classes have fewer than %d images; taking all of theirs (strict=false)", len(short), n)
+
+
+def _tsv(rows: list[str], header: str) -> str:
+    return header + "\n" + "".join(rows)
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "mean": round(statistics.fmean(values), 3)} if values else {}
+
+
+def _listing(cfg: DictConfig) -> imagenet.Listing:
+    data = cfg.data
+    return imagenet.list_imagenet(datasets.resolve(cfg).imagenet, Path(cfg.paths.cache), data.get("train_listing"),
+                                  data.get("val_dir") or "val", data.get("val_labels"))
+
+
+def build(cfg: DictConfig) -> Path:
+    """Write (or find) the subset folder of ``cfg.subset``: train.tsv, val.tsv, classes.tsv, manifest.json."""
+    spec = read_spec(cfg)
+    h = wordnet.load()
+    sel = None if spec["budget"] else select(h, spec)  # spec mistakes first, before any scan
+    listing = _listing(cfg)
+    unknown = sorted(set(listing.train) - set(h.classes))
+    if unknown:
+        log.warning("ignoring %d class folders that are not ILSVRC-2012 classes: %s", len(unknown), _fmt(unknown))
+    sel = sel or select(h, spec, {c: len(p) for c, p in listing.train.items()})
+    _check_images(listing, sel, spec["strict"])
+
+    stage = store.Stage(cfg.paths.runs, "subset", spec["name"],
+                        {"subset": spec, "data_root": str(listing.root), "listing": listing.checksum,
+                         "hierarchy": h.checksum})
+    if stage.is_done():
+        return stage.path
+    with stage.lock():
+        if stage.is_done():
+            return stage.path
+        stage.write_spec()
+        _write_subset(stage, cfg, spec, h, listing, sel)
+    return stage.path
+
+
+def _write_subset(stage: store.Stage, cfg: DictConfig, spec: Mapping[str, Any], h: wordnet.Hierarchy,
+                  listing: imagenet.Listing, sel: Selection) -> None:
+    groups = sel.groups()
+    label = {merged: i for i, merged in enumerate(groups)}
+    train_rows, val_rows, class_rows, per_label = [], [], [], []
+    per_class = {c: sample(listing.train[c], sel.images_per_class, spec["seed"]) for c in sel.classes}
+    for c in sel.classes:
+        lab = label[sel.grouping[c]]
+        train_rows += [f"{p}\t{lab}\t{c}\n" for p in per_class[c]]
+        val_rows += [f"{p}\t{lab}\t{c}\n" for p in listing.val.get(c, ())]
+    for merged, members in groups.items():
+        n_images = sum(len(per_class[c]) for c in members)
+        per_label.append(n_images)
+        class_rows.append(f"{label[merged]}\t{merged}\t{h.names[merged]}\t{n_images}\t{' '.join(members)}\n")
+    header = "path\tlabel\twnid"
+    store.atomic_write_text(stage.path / "train.tsv", _tsv(train_rows, header))
+    store.atomic_write_text(stage.path / "val.tsv", _tsv(val_rows, header))
+    store.atomic_write_text(stage.path / "classes.tsv", _tsv(class_rows, "label\twnid\tname\tn_images\tmembers"))
+    store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    short = [c for c in sel.classes if sel.images_per_class and len(per_class[c]) < sel.images_per_class]
+    store.atomic_write_json(stage.path / "manifest.json", {
+        "name": spec["name"], "spec": dict(spec), "seed": spec["seed"], "data_root": str(listing.root),
+        "num_classes": len(groups), "num_original_classes": len(sel.classes),
+        "num_train": len(train_rows), "num_val": len(val_rows),
+        "train_per_class": _stats(per_label), "train_per_original_class": _stats([len(v) for v in per_class.values()]),
+        "excluded": sel.excluded, "short_classes": {c: len(per_class[c]) for c in short},
+        "checksums": {"hierarchy": h.checksum, "listing": listing.checksum},
+        "listing_cache": str(listing.cache_file), "provenance": store.provenance(),
+    })
+    stage.finish(["train.tsv", "val.tsv", "classes.tsv", "config.yaml", "manifest.json"])
+
+
+def summary(manifest: Mapping[str, Any]) -> str:
+    """The few numbers a user checks first, as a two-column table."""
+    s = manifest["train_per_class"]
+    rows = [("subset", manifest["name"]), ("classes", manifest["num_classes"]),
+            ("original classes", manifest["num_original_classes"]), ("train images", manifest["num_train"]),
+            ("images/class", f"min {s['min']}  median {s['median']:g}  max {s['max']}"),
+            ("val images", manifest["num_val"]), ("excluded", len(manifest["excluded"])),
+            ("short classes", len(manifest["short_classes"]))]
+    return "\n".join(f"{k:<17} {v}" for k, v in rows)
+
+
+def run(cfg: DictConfig) -> Path:
+    """``ablate subset``: build the subset and print its summary."""
+    path = build(cfg)
+    print(summary(json.loads((path / "manifest.json").read_text())))
+    return path
+
+
+# -- `ablate classes` ---------------------------------------------------------------------------------------------
+
+
+def show_classes(cfg: DictConfig) -> Path:
+    """``ablate classes``: the subset's classes, largest group first, from the hierarchy alone (a budget also needs
+    the listing, to know which classes have enough images). Writes groups.tsv so the table can be kept."""
+    spec = read_spec(cfg)
+    h = wordnet.load()
+    counts = None
+    if spec["budget"] is not None:
+        listing = _listing(cfg)
+        counts = {c: len(p) for c, p in listing.train.items()}
+    sel = select(h, spec, counts)
+    groups = sorted(sel.groups().items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    label = {merged: i for i, merged in enumerate(sel.groups())}
+    rows = [(label[m], m, h.short_name(m), len(members), members) for m, members in groups]
+
+    stage = store.Stage(cfg.paths.runs, "classes", spec["name"],
+                        {"subset": spec, "hierarchy": h.checksum, "counts": counts})
+    if not stage.is_done():
+        with stage.lock():
+            if not stage.is_done():
+                stage.write_spec()
+                text = "".join(f"{lab}\t{m}\t{h.names[m]}\t{n}\t{' '.join(ms)}\n" for lab, m, _, n, ms in rows)
+                store.atomic_write_text(stage.path / "groups.tsv",
+                                        _tsv([text], "label\twnid\tname\tn_members\tmembers"))
+                store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                stage.finish(["groups.tsv", "config.yaml"])
+
+    print(f"{spec['name']}: {len(rows)} classes from {len(sel.classes)} ImageNet classes"
+          f" ({len(sel.excluded)} excluded), largest first")
+    print(f"{'label':>5}  {'wnid':<9}  {'name':<24} {'members':>7}  examples")
+    for lab, m, name, n, members in rows[:SHOW_ROWS]:
+        examples = ", ".join(h.short_name(c) for c in members[:3]) + (", ..." if n > 3 else "")
+        print(f"{lab:>5}  {m:<9}  {name[:24]:<24} {n:>7}  {examples}")
+    if len(rows) > SHOW_ROWS:
+        print(f"... {len(rows) - SHOW_ROWS} more in groups.tsv")
+    return stage.path
