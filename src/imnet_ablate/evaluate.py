@@ -1,0 +1,356 @@
+"""VOC average precision exactly as the official devkit computes it, vectorised with numpy; ``ablate evaluate``.
+
+Detection (``VOCevaldet.m``): detections of a class sorted by score, descending, ties in file order (MATLAB's
+``sort`` is stable); each is matched to the ground truth object of its image with the highest IoU (+1 pixel
+convention, strictly positive intersection, the first object on ties), whether or not that object was already
+matched; IoU >= 0.5 with a difficult object: neither TP nor FP; with an object already matched: FP; IoU < 0.5: FP.
+Classification (``VOCevalcls.m``): per class, an image is positive if it holds a non-difficult object of the class,
+ignored if its objects of the class are all difficult, negative otherwise; images without a score rank last.
+
+Metrics: ``voc07`` averages the maximum precision at recall >= t over MATLAB's ``0:0.1:1`` (see
+``matlab_colon``); ``area`` is the VOC2010+ area under the monotone precision envelope (``VOCap.m``).
+
+Deliberate differences from the devkit, in degenerate cases only:
+- a class without non-difficult ground truth gets AP NaN (the devkit gives 0 for voc07, NaN for area) and is
+  left out of the mAP, so a small split missing a class does not drag the mean down; JSON writes NaN as null;
+- precision is 0 where no detection has been counted yet (the devkit gets 0/0 = NaN and MATLAB's ``max`` skips
+  it); this differs only when every detection hits a difficult object, where the devkit's voc07 AP is NaN and ours 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+from .store import atomic_write_json
+from .voc import CLASSES, ClassDets, ClassScores, VocImage
+
+log = logging.getLogger(__name__)
+
+METRICS = ("voc07", "area")
+IOU_THRESHOLD = 0.5
+CHUNK = 1 << 22  # detection x ground-truth pairs per block, bounds memory for crowded classes
+
+
+def matlab_colon(a: float, d: float, b: float) -> np.ndarray:
+    """MATLAB's ``a:d:b`` for d > 0 (MathWorks' ``colonop``): the first half is ``a + k*d``, the second half
+    ``b - k*d`` counted from the end, the middle ``(a+b)/2``. So ``0:0.1:1`` holds 0.6 and 0.7 exactly as typed
+    (``1 - 0.4``, ``1 - 0.3``) where ``numpy.arange(0, 1.1, 0.1)`` has 0.6000000000000001 and 0.7000000000000001;
+    0.3 is 0.30000000000000004 in both.
+    """
+    tol = 2.0 * np.finfo(float).eps * max(abs(a), abs(b))
+    n = round((b - a) / d)
+    if a + n * d - b > tol:
+        n -= 1
+    last = a + n * d
+    if last - b > -tol:
+        last = b
+    out = np.empty(n + 1)
+    k = np.arange(n // 2 + 1)
+    out[k] = a + k * d
+    out[n - k] = last - k * d
+    if n % 2 == 0:
+        out[n // 2] = (a + last) / 2
+    return out
+
+
+VOC07_THRESHOLDS = matlab_colon(0.0, 0.1, 1.0)
+
+
+# -- precision/recall -> AP ---------------------------------------------------------------------------------------
+def ap_from_counts(tp: np.ndarray, fp: np.ndarray, npos: int, metric: str = "voc07") -> float:
+    """AP from per-rank TP/FP flags (ranked by score) and the number of positives; NaN when ``npos`` is 0."""
+    if metric not in METRICS:
+        raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
+    if npos == 0:
+        return math.nan
+    tpc = np.cumsum(tp, dtype=np.float64)
+    fpc = np.cumsum(fp, dtype=np.float64)
+    rec = tpc / npos
+    prec = tpc / np.maximum(tpc + fpc, np.finfo(np.float64).eps)
+    return voc07_ap(rec, prec) if metric == "voc07" else area_ap(rec, prec)
+
+
+def voc07_ap(rec: np.ndarray, prec: np.ndarray) -> float:
+    """11-point AP: ``p = max(prec(rec >= t))`` (0 if none) summed as ``ap = ap + p/11`` in the devkit's order."""
+    envelope = np.maximum.accumulate(prec[::-1])[::-1]  # max over each suffix; rec is non-decreasing
+    first = np.searchsorted(rec, VOC07_THRESHOLDS, side="left")  # first rank with rec >= t
+    ap = 0.0
+    for i in first.tolist():
+        ap += (float(envelope[i]) if i < len(rec) else 0.0) / 11
+    return ap
+
+
+def area_ap(rec: np.ndarray, prec: np.ndarray) -> float:
+    """``VOCap.m``: area under the precision envelope at the points where recall changes."""
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
+
+
+def mean_ap(ap: Mapping[str, float]) -> float:
+    """Mean over classes with a defined AP (NaN classes have no positives); NaN if none."""
+    values = [v for v in ap.values() if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+# -- detection ----------------------------------------------------------------------------------------------------
+class _GroundTruth:
+    """All objects of a split, grouped by class and image, so each detection finds its candidates by slicing."""
+
+    def __init__(self, images: Sequence[VocImage]):
+        self.ids = np.array([im.id for im in images], dtype=str)
+        self.order = np.argsort(self.ids, kind="stable")
+        self.sorted_ids = self.ids[self.order]
+        n_obj = [len(im.labels) for im in images]
+        self.image = np.repeat(np.arange(len(images)), n_obj)
+        cat = (lambda f, shape: np.concatenate([f(im) for im in images]) if images else np.zeros(shape))
+        self.boxes = cat(lambda im: im.boxes, (0, 4)).astype(np.float64).reshape(-1, 4)
+        self.labels = cat(lambda im: im.labels, 0).astype(np.int64)
+        self.difficult = cat(lambda im: im.difficult, 0).astype(bool)
+        self.n_images = len(images)
+
+    def image_index(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """Positions in the split of image ids; unknown ids are an error (the devkit stops there too)."""
+        ids = np.asarray(ids, dtype=str)
+        if len(self.sorted_ids) == 0:
+            if len(ids):
+                raise UserError(f"{what}: image id {ids[0]!r} is not in the evaluated split (which is empty)")
+            return np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+        bad = self.sorted_ids[pos] != ids
+        if bad.any():
+            raise UserError(f"{what}: {int(bad.sum())} detection(s) on image ids not in the evaluated split, e.g. "
+                            f"{ids[bad][0]!r}; ids must match ImageSets/Main/<split>.txt")
+        return self.order[pos]
+
+    def of_class(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes and difficult flags of class ``c`` grouped by image, with each image's start and count."""
+        sel = np.flatnonzero(self.labels == c)  # already grouped by image, in image order
+        count = np.bincount(self.image[sel], minlength=self.n_images)
+        start = np.concatenate(([0], np.cumsum(count)[:-1])) if self.n_images else count
+        return self.boxes[sel], self.difficult[sel], start, count
+
+
+def _best_overlap(det_boxes: np.ndarray, img: np.ndarray, gt_boxes: np.ndarray, start: np.ndarray,
+                  count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each detection, the IoU with the best object of its image and that object's index (-inf, 0 if none)."""
+    n = len(det_boxes)
+    width = int(count[img].max()) if n else 0
+    if width == 0:
+        return np.full(n, -np.inf), np.zeros(n, np.int64)
+    slots = np.arange(width)
+    best_ov, best_j = np.empty(n), np.empty(n, np.int64)
+    step = max(1, CHUNK // width)
+    for lo in range(0, n, step):
+        b, im = det_boxes[lo:lo + step], img[lo:lo + step]
+        idx = start[im][:, None] + slots
+        valid = slots < count[im][:, None]
+        g = gt_boxes[np.where(valid, idx, 0)]
+        iw = np.minimum(b[:, None, 2], g[..., 2]) - np.maximum(b[:, None, 0], g[..., 0]) + 1
+        ih = np.minimum(b[:, None, 3], g[..., 3]) - np.maximum(b[:, None, 1], g[..., 1]) + 1
+        inter = iw * ih
+        ua = ((b[:, None, 2] - b[:, None, 0] + 1) * (b[:, None, 3] - b[:, None, 1] + 1)
+              + (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1) - inter)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ov = np.where(valid & (iw > 0) & (ih > 0), inter / ua, -np.inf)
+        j = np.argmax(ov, axis=1)  # first maximum, as the devkit's strict ``ov > ovmax``
+        best_ov[lo:lo + step] = ov[np.arange(len(j)), j]
+        best_j[lo:lo + step] = idx[np.arange(len(j)), j]
+    return best_ov, best_j
+
+
+def det_outcomes(dets: ClassDets, img: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.ndarray,
+                 start: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TP and FP flags of one class's detections in ranked order (difficult matches are neither)."""
+    order = np.argsort(-np.asarray(dets.scores, np.float64), kind="stable")
+    boxes = np.asarray(dets.boxes, np.float64).reshape(-1, 4)[order]
+    ov, j = _best_overlap(boxes, img[order], gt_boxes, start, count)
+    hit = ov >= IOU_THRESHOLD
+    candidate = hit & ~gt_difficult[np.where(hit, j, 0)] if len(gt_difficult) else np.zeros(len(ov), bool)
+    cand = np.flatnonzero(candidate)
+    _, first = np.unique(j[cand], return_index=True)  # the first (highest-ranked) detection of each object
+    tp = np.zeros(len(ov), bool)
+    tp[cand[first]] = True
+    fp = ~hit | (candidate & ~tp)
+    return tp, fp
+
+
+def voc_det_ap(images: Sequence[VocImage], dets_by_class: Mapping[str, ClassDets], metric: str = "voc07"
+               ) -> dict[str, float]:
+    """Per-class detection AP at IoU 0.5 (devkit rule); classes without detections score 0, without positives NaN."""
+    gt = _GroundTruth(images)
+    out = {}
+    for c, cls in enumerate(CLASSES):
+        boxes, difficult, start, count = gt.of_class(c)
+        dets = dets_by_class.get(cls)
+        if dets is None:
+            dets = ClassDets(np.zeros(0, str), np.zeros(0), np.zeros((0, 4)))
+        img = gt.image_index(dets.ids, f"detections of {cls!r}")
+        tp, fp = det_outcomes(dets, img, boxes, difficult, start, count)
+        out[cls] = ap_from_counts(tp, fp, int((~difficult).sum()), metric)
+    return out
+
+
+# -- classification -----------------------------------------------------------------------------------------------
+def cls_ground_truth(images: Sequence[VocImage]) -> np.ndarray:
+    """int8 (n_images, 20): 1 positive, 0 only difficult objects of the class (ignored), -1 negative."""
+    gt = np.full((len(images), len(CLASSES)), -1, np.int8)
+    for i, im in enumerate(images):
+        gt[i, im.labels[im.difficult]] = 0
+    for i, im in enumerate(images):
+        gt[i, im.labels[~im.difficult]] = 1
+    return gt
+
+
+def cls_score_matrix(images: Sequence[VocImage], results: Mapping[str, ClassScores]) -> np.ndarray:
+    """(n_images, 20) scores from per-class results; images a file does not list get -inf (ranked last)."""
+    gt = _GroundTruth(images)
+    out = np.full((len(images), len(CLASSES)), -np.inf)
+    for c, cls in enumerate(CLASSES):
+        if cls not in results:
+            continue
+        ids, scores = results[cls]
+        idx = gt.image_index(ids, f"classification scores of {cls!r}")
+        if len(np.unique(idx)) != len(idx):
+            raise UserError(f"classification scores of {cls!r}: an image is listed more than once; "
+                            "expected one score per image")
+        out[idx, c] = scores
+    return out
+
+
+def voc_cls_ap(images: Sequence[VocImage], scores: np.ndarray, metric: str = "voc07") -> dict[str, float]:
+    """Per-class classification AP (devkit rule); ``scores`` is (n_images, 20) aligned with ``images``."""
+    scores = np.asarray(scores, np.float64)
+    if scores.shape != (len(images), len(CLASSES)):
+        raise ValueError(f"scores has shape {scores.shape}, expected ({len(images)}, {len(CLASSES)})")
+    gt = cls_ground_truth(images)
+    out = {}
+    for c, cls in enumerate(CLASSES):
+        ranked = gt[np.argsort(-scores[:, c], kind="stable"), c]
+        out[cls] = ap_from_counts(ranked > 0, ranked < 0, int((gt[:, c] > 0).sum()), metric)
+    return out
+
+
+# -- COCO-style ---------------------------------------------------------------------------------------------------
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _coco_xywh(boxes: np.ndarray) -> np.ndarray:
+    """VOC 1-based inclusive x1 y1 x2 y2 -> COCO 0-based x y w h (a 1-pixel box is 1 wide)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.stack([boxes[:, 0] - 1, boxes[:, 1] - 1, boxes[:, 2] - boxes[:, 0] + 1,
+                     boxes[:, 3] - boxes[:, 1] + 1], axis=1)
+
+
+def coco_det_ap(images: Sequence[VocImage], dets_by_class: Mapping[str, ClassDets]) -> dict[str, float]:
+    """COCO AP (IoU .50:.95), AP50, AP75 and per size, via pycocotools; NaN where undefined.
+
+    Difficult objects become ``iscrowd=1``: pycocotools then ignores detections that fall on them, the nearest
+    equivalent of VOC's rule (its crowd overlap is intersection over detection area, so it is not identical).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = _GroundTruth(images)
+    xywh = _coco_xywh(gt.boxes)
+    anns = [{"id": k + 1, "image_id": int(gt.image[k]), "category_id": int(gt.labels[k]) + 1,
+             "bbox": xywh[k].tolist(), "area": float(xywh[k, 2] * xywh[k, 3]), "iscrowd": int(gt.difficult[k])}
+            for k in range(len(gt.labels))]
+    rows = [np.column_stack([gt.image_index(d.ids, f"detections of {cls!r}"), _coco_xywh(d.boxes),
+                             np.asarray(d.scores, np.float64), np.full(len(d.ids), CLASSES.index(cls) + 1)])
+            for cls, d in dets_by_class.items() if len(d.ids)]
+    if not rows or not anns:
+        return {k: math.nan for k in COCO_KEYS}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and its summary table
+        coco = COCO()
+        coco.dataset = {"images": [{"id": i} for i in range(gt.n_images)], "annotations": anns,
+                        "categories": [{"id": c + 1, "name": n} for c, n in enumerate(CLASSES)]}
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(np.concatenate(rows)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(COCO_KEYS, ev.stats[:6])}
+
+
+# -- ablate evaluate ----------------------------------------------------------------------------------------------
+def _task_name(cfg: DictConfig) -> str:
+    """The task config group (``conf/task/*.yaml``, which has a ``name``) or a plain string."""
+    task = cfg.get("task")
+    name = task.get("name") if isinstance(task, Mapping) or OmegaConf.is_dict(task) else task
+    if name not in ("voc-det", "voc-cls"):
+        raise UserError(f"task={name}: unknown; expected voc-det (comp4_det files) or voc-cls (comp2_cls files)")
+    return str(name)
+
+
+def _voc_root(cfg: DictConfig) -> Path:
+    """``data.voc_root`` when given (any data config), else the data config's own root (the demo's)."""
+    from . import datasets
+
+    data = cfg.data
+    if not OmegaConf.is_missing(data, "voc_root") and data.get("voc_root") not in (None, ""):
+        root = Path(str(data.voc_root)).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data.voc_root={data.voc_root}: no such folder")
+        return root
+    return datasets.resolve(cfg, need_voc=True).voc
+
+
+def format_table(ap: Mapping[str, float], title: str) -> str:
+    rows = [f"{cls:<12} {100 * v:6.2f}" if not math.isnan(v) else f"{cls:<12}    n/a" for cls, v in ap.items()]
+    m = mean_ap(ap)
+    return "\n".join([title, *rows, f"{'mAP':<12} {100 * m:6.2f}" if not math.isnan(m) else "mAP             n/a"])
+
+
+def _json_number(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def run(cfg: DictConfig) -> Path:
+    """``ablate evaluate``: score devkit results files, print per-class AP, write the JSON; returns its folder."""
+    from . import voc
+
+    task, split, metric = _task_name(cfg), str(cfg.split), str(cfg.metric)
+    if metric not in METRICS:
+        raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
+    if OmegaConf.is_missing(cfg, "detections") or cfg.get("detections") in (None, ""):
+        raise UserError("detections is not set: pass detections=<folder holding the devkit results files>")
+    folder = Path(str(cfg.detections)).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"detections={cfg.detections}: no such folder")
+    images = voc.load_split(_voc_root(cfg), split, check_images=False)
+    pattern = "comp4_det_{split}_<class>.txt" if task == "voc-det" else "comp2_cls_{split}_<class>.txt"
+    results = (voc.read_det_results if task == "voc-det" else voc.read_cls_results)(folder, split)
+    if not results:
+        raise UserError(f"detections={folder}: no {pattern.format(split=split)} files; expected the devkit's "
+                        "results files for this split")
+    missing = [c for c in CLASSES if c not in results]
+    if missing:
+        log.warning("%s: no results file for %d class(es), scored as no detections: %s", folder, len(missing),
+                    ", ".join(missing))
+    record: dict = {"task": task, "metric": metric, "split": split, "n_images": len(images),
+                    "n_detections": int(sum(len(r.ids) for r in results.values()))}
+    if task == "voc-det":
+        ap = voc_det_ap(images, results, metric)
+        if cfg.get("coco", True):
+            record["coco"] = {k: _json_number(v) for k, v in coco_det_ap(images, results).items()}
+    else:
+        ap = voc_cls_ap(images, cls_score_matrix(images, results), metric)
+    record.update(map=_json_number(mean_ap(ap)), ap={c: _json_number(v) for c, v in ap.items()})
+    print(format_table(ap, f"{task} {split} AP ({metric}), {len(images)} images"))
+    if "coco" in record:
+        print("COCO " + " ".join(f"{k} {100 * v:.2f}" if v is not None else f"{k} n/a"
+                                 for k, v in record["coco"].items()))
+    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else folder / f"eval_{split}_{metric}.json"
+    atomic_write_json(output, record)
+    return output.parent

@@ -1,0 +1,294 @@
+"""PASCAL VOC 2007 on disk: annotations (parsed with defusedxml), ``ImageSets/Main`` splits, devkit results files.
+
+Problems with the data are reported, never dropped silently:
+
+- errors (``UserError`` naming the file; all problems of a split are collected into one message): missing split
+  file, missing annotation, malformed XML, any DTD or entity declaration (refused, so no entity expansion and no
+  external entities), missing fields, non-numeric values, unknown class names, boxes with x2 < x1 or y2 < y1,
+  an image id listed twice, and missing JPEGs when ``check_images`` is true (training needs them; scoring does not);
+- warnings with a count and the first files (in the log): boxes that extend outside the image. They are kept as
+  written, because the devkit scores the XML boxes as they are and custom VOC-format sets often have boxes one
+  pixel out.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import defusedxml
+import defusedxml.ElementTree as DET
+import numpy as np
+
+from .errors import UserError
+from .store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
+MAX_LISTED = 5  # problems quoted in one message
+
+
+@dataclass(frozen=True)
+class VocImage:
+    """One annotated image; arrays are read-only (they are shared through the split cache)."""
+
+    id: str
+    width: int
+    height: int
+    boxes: np.ndarray  # float64 N x 4, 1-based x1 y1 x2 y2 as in the XML
+    labels: np.ndarray  # int64 N, index into CLASSES
+    difficult: np.ndarray  # bool N
+    truncated: np.ndarray  # bool N
+
+
+class ClassDets(NamedTuple):
+    """Detections of one class, in file order (the order the devkit breaks score ties by)."""
+
+    ids: np.ndarray  # str N, image ids
+    scores: np.ndarray  # float64 N
+    boxes: np.ndarray  # float64 N x 4, 1-based x1 y1 x2 y2
+
+
+class ClassScores(NamedTuple):
+    """Classification scores of one class, in file order."""
+
+    ids: np.ndarray  # str N
+    scores: np.ndarray  # float64 N
+
+
+# -- layout -------------------------------------------------------------------------------------------------------
+def year_dir(voc_root: Path | str, year: str = "2007") -> Path:
+    """``<VOCdevkit>/VOC<year>``; a path that already is the year folder is accepted too."""
+    root = Path(voc_root).expanduser()
+    nested = root / f"VOC{year}"
+    return nested if nested.is_dir() or not (root / "ImageSets").is_dir() else root
+
+
+def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
+    return year_dir(voc_root, year) / "JPEGImages" / f"{image_id}.jpg"
+
+
+def split_ids(voc_root: Path | str, split: str, year: str = "2007") -> list[str]:
+    path = year_dir(voc_root, year) / "ImageSets" / "Main" / f"{split}.txt"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {split!r} split ({e.strerror}); expected a VOCdevkit folder "
+                        f"holding VOC{year}/ImageSets/Main/{split}.txt") from e
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    seen: set[str] = set()
+    dupes = sorted({i for i in ids if i in seen or seen.add(i)})
+    if dupes:
+        raise UserError(f"{path}: image ids listed twice: {', '.join(dupes[:MAX_LISTED])}; expected each id once")
+    return ids
+
+
+# -- annotations --------------------------------------------------------------------------------------------------
+def _text(node: ET.Element, tag: str, default: str | None = None) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        if default is None:
+            raise ValueError(f"missing <{tag}>")
+        return default
+    return child.text.strip()
+
+
+def _number(node: ET.Element, tag: str) -> float:
+    raw = _text(node, tag)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"<{tag}> is {raw!r}, not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"<{tag}> is {raw!r}, not a finite number")
+    return value
+
+
+def _flag(node: ET.Element, tag: str) -> bool:
+    """``difficult``/``truncated``: missing means 0; VOC writes 0/1 (some tools write floats)."""
+    raw = _text(node, tag, default="0")
+    try:
+        return float(raw) != 0
+    except ValueError:
+        raise ValueError(f"<{tag}> is {raw!r}, expected 0 or 1") from None
+
+
+def parse_annotation(path: Path) -> tuple[VocImage, list[str]]:
+    """One ``Annotations/<id>.xml`` -> (image, warnings). Raises ``UserError`` naming the file."""
+    try:
+        root = DET.parse(str(path), forbid_dtd=True, forbid_entities=True, forbid_external=True).getroot()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); every listed image needs an annotation") from e
+    except defusedxml.DefusedXmlException as e:
+        raise UserError(f"{path}: refused ({type(e).__name__}); VOC annotations must not declare a DTD or "
+                        "entities") from e
+    except ET.ParseError as e:
+        raise UserError(f"{path}: malformed XML ({e})") from e
+    try:
+        size = root.find("size")
+        if size is None:
+            raise ValueError("missing <size>")
+        width, height = int(_number(size, "width")), int(_number(size, "height"))
+        boxes, labels, difficult, truncated, warnings = [], [], [], [], []
+        for k, obj in enumerate(root.findall("object")):
+            name = _text(obj, "name")
+            if name not in CLASS_INDEX:
+                raise ValueError(f"object {k}: unknown class {name!r}; expected one of the 20 VOC classes")
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise ValueError(f"object {k}: missing <bndbox>")
+            x1, y1, x2, y2 = (_number(bb, t) for t in ("xmin", "ymin", "xmax", "ymax"))
+            if x2 < x1 or y2 < y1:
+                raise ValueError(f"object {k}: box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
+            if x1 < 1 or y1 < 1 or x2 > width or y2 > height:
+                warnings.append(f"{path.name}: object {k} box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) outside "
+                                f"{width}x{height}")
+            boxes.append((x1, y1, x2, y2))
+            labels.append(CLASS_INDEX[name])
+            difficult.append(_flag(obj, "difficult"))
+            truncated.append(_flag(obj, "truncated"))
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from e
+    image = VocImage(path.stem, width, height, _frozen(np.array(boxes, np.float64).reshape(-1, 4)),
+                     _frozen(np.array(labels, np.int64)), _frozen(np.array(difficult, bool)),
+                     _frozen(np.array(truncated, bool)))
+    return image, warnings
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def load_split(voc_root: Path | str, split: str, year: str = "2007", *, check_images: bool = True
+               ) -> list[VocImage]:
+    """The annotated images of ``ImageSets/Main/<split>.txt`` in file order (cached per process)."""
+    folder = year_dir(voc_root, year)
+    split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
+    stamp = split_file.stat().st_mtime_ns if split_file.is_file() else 0
+    return list(_load_split_cached(str(folder.resolve()), split, year, stamp, check_images))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split_cached(folder: str, split: str, year: str, stamp: int, check_images: bool
+                       ) -> tuple[VocImage, ...]:
+    del stamp  # only part of the cache key: a rewritten split file is read again
+    root = Path(folder)
+    ids = split_ids(root, split, year)
+    images, errors, warnings = [], [], []
+    for image_id in ids:
+        try:
+            image, warns = parse_annotation(root / "Annotations" / f"{image_id}.xml")
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        images.append(image)
+        warnings += warns
+        if check_images and not (root / "JPEGImages" / f"{image_id}.jpg").is_file():
+            errors.append(f"{root / 'JPEGImages' / f'{image_id}.jpg'}: missing (listed in {split}.txt)")
+    if errors:
+        more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
+        raise UserError(f"{len(errors)} problem(s) in the {split!r} split of {root}: "
+                        f"{'; '.join(errors[:MAX_LISTED])}{more}")
+    if warnings:
+        log.warning("%s %s: %d box(es) extend outside their image, kept as written: %s%s", root, split,
+                    len(warnings), "; ".join(warnings[:MAX_LISTED]), " ..." if len(warnings) > MAX_LISTED else "")
+    return tuple(images)
+
+
+# -- devkit results files -----------------------------------------------------------------------------------------
+def det_results_path(folder: Path | str, split: str, cls: str) -> Path:
+    return Path(folder) / f"comp4_det_{split}_{cls}.txt"
+
+
+def cls_results_path(folder: Path | str, split: str, cls: str) -> Path:
+    return Path(folder) / f"comp2_cls_{split}_{cls}.txt"
+
+
+def _fmt(x: float) -> str:
+    """Shortest text that reads back as the same float, so rescoring a written file gives identical APs."""
+    return repr(float(x))
+
+
+def write_det_results(folder: Path | str, split: str, dets: Mapping[str, ClassDets]) -> list[Path]:
+    """One ``comp4_det_<split>_<class>.txt`` per VOC class (empty for classes without detections)."""
+    paths = []
+    for cls in CLASSES:
+        d = dets.get(cls)
+        lines = [] if d is None else [f"{i} {_fmt(s)} {' '.join(map(_fmt, b))}\n"
+                                      for i, s, b in zip(d.ids, d.scores, np.asarray(d.boxes).tolist())]
+        path = det_results_path(folder, split, cls)
+        atomic_write_text(path, "".join(lines))
+        paths.append(path)
+    return paths
+
+
+def write_cls_results(folder: Path | str, split: str, scores: Mapping[str, ClassScores]) -> list[Path]:
+    """One ``comp2_cls_<split>_<class>.txt`` per VOC class present in ``scores``."""
+    paths = []
+    for cls in CLASSES:
+        if cls not in scores:
+            continue
+        s = scores[cls]
+        path = cls_results_path(folder, split, cls)
+        atomic_write_text(path, "".join(f"{i} {_fmt(v)}\n" for i, v in zip(s.ids, s.scores)))
+        paths.append(path)
+    return paths
+
+
+def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.ndarray]:
+    """Image ids and the numeric columns of a whitespace-separated results file; errors name file and line."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e}); expected a text results file") from e
+    ids: list[str] = []
+    values: list[list[float]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != n_fields:
+                raise ValueError
+            nums = [float(f) for f in fields[1:]]
+            if not all(math.isfinite(v) for v in nums):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{path}:{lineno}: malformed line {line.strip()[:80]!r}; expected '{layout}' "
+                            "with finite numbers") from None
+        ids.append(fields[0])
+        values.append(nums)
+    return ids, np.array(values, np.float64).reshape(-1, n_fields - 1)
+
+
+def read_det_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassDets]:
+    """The ``comp4_det`` files present in ``folder`` (classes without a file are left out of the result)."""
+    out = {}
+    for cls in classes:
+        path = det_results_path(folder, split, cls)
+        if path.is_file():
+            ids, v = _parse_rows(path, 6, "<image_id> <score> <x1> <y1> <x2> <y2>")
+            out[cls] = ClassDets(np.array(ids, dtype=str), v[:, 0].copy(), v[:, 1:5].copy())
+    return out
+
+
+def read_cls_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassScores]:
+    """The ``comp2_cls`` files present in ``folder`` (classes without a file are left out of the result)."""
+    out = {}
+    for cls in classes:
+        path = cls_results_path(folder, split, cls)
+        if path.is_file():
+            ids, v = _parse_rows(path, 2, "<image_id> <score>")
+            out[cls] = ClassScores(np.array(ids, dtype=str), v[:, 0].copy())
+    return out
