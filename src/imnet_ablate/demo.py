@@ -1,0 +1,589 @@
+"""The built-in generated dataset pair: an ImageNet-like tree of all 1000 classes and a VOC 2007-like devkit.
+
+Both are written in the real on-disk formats, so the same readers, subset builder and loaders run on them.
+Appearance comes from the WordNet hierarchy, which is what makes transfer behave like the real thing: every synset
+on a class's first-parent chain adds a random latent vector (seeded by the dataset seed and its wnid) to the
+class's traits, so classes that share ancestors look alike. Each trait group listens to a different part of the
+chain: coarse traits (shape family, palette) to internal ancestors, texture (kind, frequency, orientation) to the
+nearer internal nodes, fine traits (parts, secondary colour, edge ripple) to the leaf and its parent. A PASCAL
+object is drawn with the traits of an ImageNet class under its class's synset, so ImageNet features help on VOC.
+
+Every image has its own random generator seeded from (seed, class or scene, index): same seed, byte-identical
+files, whatever the number of worker processes. ``ensure`` generates into a temporary folder and renames it into
+place, with ``manifest.json`` written last, so a folder that exists is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numpy as np
+from PIL import Image
+
+from . import wordnet
+from .errors import UserError
+from .store import spec_hash
+
+GENERATOR_VERSION = 1
+MANIFEST = "manifest.json"
+JPEG_QUALITY = 90
+
+# The 20 VOC classes in devkit order and the WordNet synset the authors mapped each to
+# (wmigftl/label_sets/pascal/common_pascal_fine.txt).
+PASCAL_SYNSETS: dict[str, str] = {
+    "aeroplane": "n02691156", "bicycle": "n02834778", "bird": "n01503061", "boat": "n02858304",
+    "bottle": "n02876657", "bus": "n02924116", "car": "n02958343", "cat": "n02121620", "chair": "n03001627",
+    "cow": "n01887787", "diningtable": "n03201208", "dog": "n02084071", "horse": "n02374451",
+    "motorbike": "n03769722", "person": "n00007846", "pottedplant": "n00017222", "sheep": "n02411705",
+    "sofa": "n04256520", "train": "n04468005", "tvmonitor": "n03782006",
+}
+# Synsets outside the packaged hierarchy: cow (mature female mammal) -> placental, its WordNet 3.0 first hypernym.
+EXTRA_FIRST_PARENTS = {"n01887787": "n01886756"}
+
+SKIP_DEPTH = 2  # entity, physical entity, object/abstraction: shared by (nearly) all, carry no signal
+N_TRAITS = 28
+COARSE = slice(0, 9)  # hue (2), saturation, value, lobes, lobe amplitude, aspect, squareness, orientation
+MID = slice(9, 16)  # texture kind (4), frequency, orientation, strength
+FINE = slice(16, 28)  # secondary colour (3), parts (count, angle, radius, size, colour 2), edge ripple (2)
+N_POSE = 12  # per-instance uniforms: centre (2), size, rotation, flip, light (2), texture phase, colour gain (4)
+BG_GRID = 4  # background colour field: a BG_GRID x BG_GRID grid, bilinearly upsampled
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    seed: int
+    train_per_class: int
+    val_per_class: int
+    image_size: int
+    voc_image_size: int
+    voc_trainval: int
+    voc_test: int
+
+
+MINIMUM = {"seed": 0, "train_per_class": 1, "val_per_class": 1, "image_size": 16, "voc_image_size": 32,
+           "voc_trainval": 2, "voc_test": 1}
+
+
+def parse_params(params: Mapping[str, Any]) -> DemoParams:
+    """Validated parameters; a bad value is a one-line ``UserError`` naming the ``data.demo`` key."""
+    given = dict(params.items())
+    unknown = sorted(set(given) - set(MINIMUM))
+    if unknown:
+        raise UserError(f"data.demo.{unknown[0]}: unknown setting; expected one of {', '.join(MINIMUM)}")
+    values = {}
+    for key, low in MINIMUM.items():
+        value = given.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"data.demo.{key}={value}: expected an integer >= {low}")
+        values[key] = value
+    return DemoParams(**values)
+
+
+# -- the hierarchy -> class traits ------------------------------------------------------------------------------
+def full_chain(hierarchy: wordnet.Hierarchy, wnid: str) -> list[str]:
+    """First-parent chain, leaf first, also for the few PASCAL synsets outside the packaged hierarchy."""
+    if wnid in EXTRA_FIRST_PARENTS:
+        return [wnid, *full_chain(hierarchy, EXTRA_FIRST_PARENTS[wnid])]
+    return hierarchy.chain(wnid)
+
+
+def ancestors(hierarchy: wordnet.Hierarchy, wnid: str) -> set[str]:
+    """Ancestors-or-self along all parents (not just the first)."""
+    seen, todo = set(), [wnid]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(hierarchy.parents.get(node, ()))
+    return seen
+
+
+def pascal_members(hierarchy: wordnet.Hierarchy) -> dict[str, list[str]]:
+    """Per VOC class, the wnids whose traits its objects take: the ImageNet classes under its synset (any parent
+    path), or the synset itself when none is (cow)."""
+    closure = {c: ancestors(hierarchy, c) for c in hierarchy.classes}
+    members = {}
+    for name, synset in PASCAL_SYNSETS.items():
+        under = [c for c in hierarchy.classes if synset in closure[c]]
+        members[name] = under or [synset]
+    return members
+
+
+def node_latent(seed: int, wnid: str) -> np.ndarray:
+    """The random trait vector one synset contributes, fixed by (seed, wnid)."""
+    return np.random.default_rng([seed, 0, int(wnid[1:])]).standard_normal(N_TRAITS)
+
+
+def chain_weights(chain_len: int) -> np.ndarray:
+    """(chain_len, N_TRAITS) weight of each chain node in each trait, leaf first; rows sum (in squares) to 1."""
+    index = np.arange(chain_len)
+    depth = chain_len - 1 - index
+    leaf, parent = index == 0, index == 1
+    internal = ~leaf & ~parent & (depth > SKIP_DEPTH)
+    near = internal & (index <= 5)
+    w = np.zeros((chain_len, N_TRAITS))
+    w[:, COARSE] = (1.0 * internal + 0.25 * (leaf | parent))[:, None]
+    w[:, MID] = (1.0 * near + 0.4 * (internal & ~near) + 0.4 * (leaf | parent))[:, None]
+    w[:, FINE] = (1.0 * leaf + 0.7 * parent + 0.15 * internal)[:, None]
+    return w / np.sqrt((w ** 2).sum(axis=0, keepdims=True))
+
+
+def class_latent(seed: int, chain: Sequence[str]) -> np.ndarray:
+    """A class's trait latents (each ~ N(0, 1)): the weighted sum of its chain's node latents."""
+    nodes = np.stack([node_latent(seed, w) for w in chain])
+    return (chain_weights(len(chain)) * nodes).sum(axis=0)
+
+
+# -- latents -> drawing parameters --------------------------------------------------------------------------------
+def _unit(z: np.ndarray) -> np.ndarray:
+    """Approximately the normal CDF: N(0, 1) latents -> (0, 1)."""
+    return 0.5 * (1.0 + np.tanh(0.7978845608 * (z + 0.044715 * z ** 3)))
+
+
+def _hue(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A uniformly distributed, circular hue from two independent latents."""
+    return (np.arctan2(a, b) / (2 * np.pi)) % 1.0
+
+
+def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV -> RGB: (...), (...), (...) -> (..., 3), all in [0, 1]."""
+    k = (np.array([5.0, 3.0, 1.0]) + h[..., None] * 6.0) % 6.0
+    return v[..., None] - (v * s)[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def decode(z: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, N_TRAITS) latents -> named drawing parameters, each (N,) or (N, 3) / (N, 4)."""
+    u = _unit(z)
+    hue1 = _hue(z[:, 0], z[:, 1])
+    return {
+        "colour1": hsv_to_rgb(hue1, 0.3 + 0.65 * u[:, 2], 0.35 + 0.6 * u[:, 3]),
+        "lobes": np.array([0, 2, 3, 4, 5, 6])[np.minimum((u[:, 4] * 6).astype(int), 5)],
+        "lobe_amp": 0.08 + 0.3 * u[:, 5],
+        "aspect": 0.45 + 0.55 * u[:, 6],
+        "pnorm": 6.0 ** u[:, 7],
+        "rot0": np.pi * u[:, 8],
+        "tex_kind": np.exp(3 * z[:, 9:13]) / np.exp(3 * z[:, 9:13]).sum(axis=1, keepdims=True),
+        "tex_freq": 0.7 + 2.3 * u[:, 13],
+        "tex_orient": np.pi * u[:, 14],
+        "tex_strength": 0.25 + 0.6 * u[:, 15],
+        "colour2": hsv_to_rgb(_hue(z[:, 16], z[:, 17]), 0.2 + 0.8 * u[:, 18], 0.15 + 0.8 * u[:, 19]),
+        "parts": np.minimum((u[:, 20] * 4).astype(int), 3),
+        "part_angle": 2 * np.pi * u[:, 21],
+        "part_radius": 0.45 + 0.5 * u[:, 22],
+        "part_size": 0.14 + 0.2 * u[:, 23],
+        "colour3": hsv_to_rgb(_hue(z[:, 24], z[:, 25]), np.full(len(z), 0.8), np.full(len(z), 0.9)),
+        "ripple": 6 + np.minimum((u[:, 26] * 6).astype(int), 5),
+        "ripple_amp": 0.12 * u[:, 27],
+    }
+
+
+def plain(look: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Distractor shapes: a class-like outline and colour, but no texture and no parts."""
+    return {**look, "tex_strength": np.zeros_like(look["tex_strength"]), "parts": np.zeros_like(look["parts"])}
+
+
+def pose(u: np.ndarray, size: int, radius: tuple[float, float], spread: float, rot0: np.ndarray,
+         rot_jitter: float) -> dict[str, np.ndarray]:
+    """(N, N_POSE) uniforms -> where and how each instance is drawn on a ``size`` canvas."""
+    lo, hi = radius
+    gain = np.exp(0.25 * (u[:, 8:9] - 0.5)) * np.exp(0.2 * (u[:, 9:12] - 0.5))
+    return {
+        "cx": size * (0.5 + spread * (u[:, 0] - 0.5)),
+        "cy": size * (0.5 + spread * (u[:, 1] - 0.5)),
+        "radius": size * lo * (hi / lo) ** u[:, 2],
+        "rot": rot0 + rot_jitter * (u[:, 3] - 0.5),
+        "flip": np.where(u[:, 4] < 0.5, -1.0, 1.0),
+        "light": 0.5 * (u[:, 5:7] - 0.5),
+        "phase": 2 * np.pi * u[:, 7],
+        "gain": gain,
+    }
+
+
+# -- rendering -------------------------------------------------------------------------------------------------------
+def _col(x: np.ndarray) -> np.ndarray:
+    """(N,) -> (N, 1, 1) for broadcasting over a canvas."""
+    return np.asarray(x, dtype=np.float32)[:, None, None]
+
+
+def render(look: dict[str, np.ndarray], where: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """N instances on N ``size`` x ``size`` canvases -> colour (N, S, S, 3) and coverage alpha (N, S, S)."""
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    radius = _col(where["radius"])
+    dx = (grid[None, None, :] - _col(where["cx"])) / radius
+    dy = (grid[None, :, None] - _col(where["cy"])) / radius
+    cos, sin = _col(np.cos(where["rot"])), _col(np.sin(where["rot"]))
+    x = cos * dx + sin * dy
+    y = (cos * dy - sin * dx) * _col(where["flip"]) / _col(look["aspect"])
+    p = _col(look["pnorm"])
+    rho = (np.abs(x) ** p + np.abs(y) ** p) ** (1.0 / p)
+    phi = np.arctan2(y, x)
+    amp, ripple_amp = _col(look["lobe_amp"]), _col(look["ripple_amp"])
+    edge = (1 + amp * np.cos(_col(look["lobes"]) * phi)
+            + ripple_amp * np.cos(_col(look["ripple"]) * phi + _col(where["phase"]))) / (1 + amp + ripple_amp)
+    body = np.clip((edge - rho) * radius + 0.5, 0.0, 1.0)
+
+    parts = np.zeros_like(body)
+    count = np.maximum(look["parts"], 1)
+    for j in range(3):
+        angle = look["part_angle"] + 2 * np.pi * j / count
+        px, py = _col(look["part_radius"] * np.cos(angle)), _col(look["part_radius"] * np.sin(angle))
+        dist = np.sqrt((x - px) ** 2 + (y - py) ** 2)
+        blob = np.clip((_col(look["part_size"]) - dist) * radius + 0.5, 0.0, 1.0) * _col(look["parts"] > j)
+        parts = np.maximum(parts, blob)
+
+    freq, phase = _col(2 * np.pi * look["tex_freq"]), _col(where["phase"])
+    o_cos, o_sin = _col(np.cos(look["tex_orient"])), _col(np.sin(look["tex_orient"]))
+    patterns = (np.sin(freq * (o_cos * x + o_sin * y) + phase),  # stripes
+                np.tanh(3 * np.sin(freq * x + phase) * np.sin(freq * y)),  # checks
+                np.sin(freq * rho + phase),  # rings
+                np.tanh(4 * (np.cos(freq * x) * np.cos(freq * y) - 0.3)))  # spots
+    kind = look["tex_kind"].astype(np.float32)
+    pattern = sum(_col(kind[:, k]) * patterns[k] for k in range(4))
+    mix = (_col(look["tex_strength"]) * 0.5 * (pattern + 1))[..., None]
+    light = where["light"]
+    shade = (1 + _col(light[:, 0]) * x + _col(light[:, 1]) * y)[..., None]
+    c1, c2, c3 = (look[k].astype(np.float32)[:, None, None, :] for k in ("colour1", "colour2", "colour3"))
+    colour = ((1 - mix) * c1 + mix * c2) * shade
+    colour = colour * (1 - parts[..., None]) + c3 * parts[..., None]
+    colour = colour * where["gain"].astype(np.float32)[:, None, None, :]
+    return colour, np.maximum(body, parts)
+
+
+def background(grids: np.ndarray, size: int) -> np.ndarray:
+    """(N, BG_GRID, BG_GRID, 3) latents -> smooth (N, S, S, 3) colour fields around a per-image base colour."""
+    base = 0.25 + 0.5 * _unit(grids.mean(axis=(1, 2)) * 2.0)
+    cells = np.clip(base[:, None, None, :] + 0.18 * grids, 0.0, 1.0).astype(np.float32)
+    pos = np.linspace(0, BG_GRID - 1, size)
+    lo = np.minimum(np.floor(pos).astype(int), BG_GRID - 2)
+    interp = np.zeros((size, BG_GRID), dtype=np.float32)
+    interp[np.arange(size), lo] = 1 - (pos - lo)
+    interp[np.arange(size), lo + 1] = pos - lo
+    return (interp @ cells.transpose(0, 3, 1, 2) @ interp.T).transpose(0, 2, 3, 1)
+
+
+def over(canvas: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Alpha-composite one layer over a canvas (same leading shape)."""
+    a = alpha[..., None]
+    return canvas * (1 - a) + colour * a
+
+
+def to_uint8(canvas: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    return (np.clip(canvas + 0.04 * noise, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def save_jpeg(pixels: np.ndarray, path: Path) -> None:
+    Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+# -- the ImageNet-like tree ------------------------------------------------------------------------------------------
+SPLIT_CODE = {"train": 1, "val": 2}
+N_DISTRACTORS = 2
+
+
+def class_images(seed: int, wnid: str, split: str, count: int, size: int, look: dict[str, np.ndarray]
+                 ) -> np.ndarray:
+    """(count, S, S, 3) uint8 images of one class: an instance with pose/colour jitter over clutter and noise."""
+    rngs = [np.random.default_rng([seed, SPLIT_CODE[split], int(wnid[1:]), i]) for i in range(count)]
+    u = np.stack([r.random(N_POSE) for r in rngs])
+    grids = np.stack([r.standard_normal((BG_GRID, BG_GRID, 3)) for r in rngs])
+    clutter_z = np.stack([r.standard_normal((N_DISTRACTORS, N_TRAITS)) for r in rngs]).reshape(-1, N_TRAITS)
+    clutter_u = np.stack([r.random((N_DISTRACTORS, N_POSE)) for r in rngs]).reshape(-1, N_POSE)
+    noise = np.stack([r.standard_normal((size, size, 3), dtype=np.float32) for r in rngs])
+
+    clutter_look = plain(decode(clutter_z))
+    clutter_colour, clutter_alpha = render(clutter_look, pose(clutter_u, size, (0.12, 0.3), 1.0,
+                                                              2 * np.pi * clutter_u[:, 3], 0.0), size)
+    canvas = background(grids, size)
+    for k in range(N_DISTRACTORS):
+        canvas = over(canvas, clutter_colour[k::N_DISTRACTORS], clutter_alpha[k::N_DISTRACTORS])
+    looks = {key: np.repeat(value[None], count, axis=0) for key, value in look.items()}
+    colour, alpha = render(looks, pose(u, size, (0.28, 0.42), 0.2, looks["rot0"], 0.7), size)
+    return to_uint8(over(canvas, colour, alpha), noise)
+
+
+def image_name(wnid: str, split: str, index: int, class_index: int, per_class: int) -> str:
+    """ImageNet-style file names: ``n01440764_1.JPEG`` (train), ``ILSVRC2012_val_00000001.JPEG`` (val)."""
+    if split == "train":
+        return f"{wnid}_{index + 1}.JPEG"
+    return f"ILSVRC2012_val_{class_index * per_class + index + 1:08d}.JPEG"
+
+
+def write_classes(out: Path, params: DemoParams, class_indices: Sequence[int]) -> int:
+    """Worker unit: every train and val image of some classes. Returns the number of images written."""
+    hierarchy = wordnet.load()
+    written = 0
+    for ci in class_indices:
+        wnid = hierarchy.classes[ci]
+        look = {k: v[0] for k, v in decode(class_latent(params.seed, hierarchy.chain(wnid))[None]).items()}
+        for split, per_class in (("train", params.train_per_class), ("val", params.val_per_class)):
+            folder = out / "imagenet" / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            images = class_images(params.seed, wnid, split, per_class, params.image_size, look)
+            for i, pixels in enumerate(images):
+                save_jpeg(pixels, folder / image_name(wnid, split, i, ci, per_class))
+            written += per_class
+    return written
+
+
+# -- the VOC-like devkit ------------------------------------------------------------------------------------------------
+VOC_CODE = 3
+OBJECT_COUNTS = np.array([1, 2, 3, 4])
+OBJECT_COUNT_P = np.array([0.35, 0.3, 0.2, 0.15])
+MIN_VISIBLE_FRACTION = 0.35  # objects less visible than this (occluded, cut off) are "difficult"
+MIN_AREA_FRACTION = 0.012  # ... as are tiny ones (box area / image area)
+
+
+@dataclass(frozen=True)
+class VocObject:
+    name: str
+    pose: str
+    truncated: bool
+    difficult: bool
+    box: tuple[int, int, int, int]  # xmin ymin xmax ymax, 1-based inclusive pixel coordinates
+
+
+def scene_plan(seed: int, index: int, size: int, members: dict[str, list[str]]) -> dict[str, Any]:
+    """Everything random about one scene, from its own generator: objects (class, member, pose), clutter, noise."""
+    rng = np.random.default_rng([seed, VOC_CODE, index])
+    n_obj = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_P))
+    names = list(PASCAL_SYNSETS)
+    classes = [names[i] for i in rng.integers(len(names), size=n_obj)]
+    wnids = [members[c][rng.integers(len(members[c]))] for c in classes]
+    u = rng.random((n_obj, N_POSE))
+    u[0, :2] = 0.25 + 0.5 * u[0, :2]  # the first object is always well inside the image...
+    u[0, 2] = 0.5 + 0.5 * u[0, 2]  # ...and not tiny, so every scene has an annotated object
+    n_clutter = int(rng.integers(2, 5))
+    return {"classes": classes, "wnids": wnids, "u": u,
+            "clutter_z": rng.standard_normal((n_clutter, N_TRAITS)), "clutter_u": rng.random((n_clutter, N_POSE)),
+            "grid": rng.standard_normal((BG_GRID, BG_GRID, 3)),
+            "noise": rng.standard_normal((size, size, 3), dtype=np.float32)}
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """1-based inclusive pixel box of a boolean mask (None when empty)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(cols[0]) + 1, int(rows[0]) + 1, int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def annotate(masks: np.ndarray, names: Sequence[str], flips: np.ndarray) -> list[VocObject]:
+    """VOC objects from the per-object coverage masks (drawing order): box, truncated at the border, difficult
+    when mostly hidden by later objects or cut off, or tiny."""
+    size = masks.shape[-1]
+    objects = []
+    for j, mask in enumerate(masks):
+        box = box_of(mask)
+        if box is None:
+            continue
+        visible = mask & ~masks[j + 1:].any(axis=0)
+        truncated = bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+        area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+        hidden = visible.sum() < MIN_VISIBLE_FRACTION * mask.sum() or (truncated and visible.sum() < 0.5 * area)
+        difficult = bool(hidden or area < MIN_AREA_FRACTION * size * size)
+        objects.append(VocObject(names[j], "Left" if flips[j] < 0 else "Right", truncated, difficult, box))
+    return objects
+
+
+def scene_image(plan: dict[str, Any], size: int, looks: dict[str, dict[str, np.ndarray]]
+                ) -> tuple[np.ndarray, list[VocObject]]:
+    """One scene: background, clutter, then the objects in random overlapping order; pixels and annotations."""
+    look = {k: np.stack([looks[w][k] for w in plan["wnids"]]) for k in next(iter(looks.values()))}
+    where = pose(plan["u"], size, (0.07, 0.32), 1.0, look["rot0"], 0.7)
+    colour, alpha = render(look, where, size)
+    cu = plan["clutter_u"]
+    clutter_colour, clutter_alpha = render(plain(decode(plan["clutter_z"])),
+                                           pose(cu, size, (0.06, 0.25), 1.0, 2 * np.pi * cu[:, 3], 0.0), size)
+    canvas = background(plan["grid"][None], size)[0]
+    for k in range(len(cu)):
+        canvas = over(canvas, clutter_colour[k], clutter_alpha[k])
+    masks = alpha > 0.5
+    keep = masks.any(axis=(1, 2))  # an instance too thin to cover a pixel is neither drawn nor annotated
+    for j in np.flatnonzero(keep):
+        canvas = over(canvas, colour[j], alpha[j])
+    objects = annotate(masks[keep], [c for c, k in zip(plan["classes"], keep) if k], where["flip"][keep])
+    return to_uint8(canvas, plan["noise"]), objects
+
+
+def annotation_xml(image_id: str, size: int, objects: Sequence[VocObject]) -> str:
+    """A VOC 2007 annotation file."""
+    parts = ["<annotation>", "\t<folder>VOC2007</folder>", f"\t<filename>{image_id}.jpg</filename>",
+             "\t<source>", "\t\t<database>imnet-ablate demo</database>", "\t\t<annotation>PASCAL VOC2007</annotation>",
+             "\t\t<image>generated</image>", "\t</source>",
+             "\t<size>", f"\t\t<width>{size}</width>", f"\t\t<height>{size}</height>", "\t\t<depth>3</depth>",
+             "\t</size>", "\t<segmented>0</segmented>"]
+    for obj in objects:
+        x1, y1, x2, y2 = obj.box
+        parts += ["\t<object>", f"\t\t<name>{escape(obj.name)}</name>", f"\t\t<pose>{obj.pose}</pose>",
+                  f"\t\t<truncated>{int(obj.truncated)}</truncated>", f"\t\t<difficult>{int(obj.difficult)}</difficult>",
+                  "\t\t<bndbox>", f"\t\t\t<xmin>{x1}</xmin>", f"\t\t\t<ymin>{y1}</ymin>", f"\t\t\t<xmax>{x2}</xmax>",
+                  f"\t\t\t<ymax>{y2}</ymax>", "\t\t</bndbox>", "\t</object>"]
+    return "\n".join(parts + ["</annotation>", ""])
+
+
+def image_id(index: int) -> str:
+    return f"{index + 1:06d}"
+
+
+def write_scenes(out: Path, params: DemoParams, indices: Sequence[int]) -> dict[str, list[VocObject]]:
+    """Worker unit: JPEG and XML of some scenes. Returns their objects by image id."""
+    hierarchy = wordnet.load()
+    members = pascal_members(hierarchy)
+    size = params.voc_image_size
+    plans = [scene_plan(params.seed, i, size, members) for i in indices]
+    wnids = sorted({w for plan in plans for w in plan["wnids"]})
+    latents = np.stack([class_latent(params.seed, full_chain(hierarchy, w)) for w in wnids])
+    looks = {w: {k: v[j] for k, v in decode(latents).items()} for j, w in enumerate(wnids)}
+    root = out / "VOCdevkit" / "VOC2007"
+    result = {}
+    for i, plan in zip(indices, plans):
+        pixels, objects = scene_image(plan, size, looks)
+        save_jpeg(pixels, root / "JPEGImages" / f"{image_id(i)}.jpg")
+        (root / "Annotations" / f"{image_id(i)}.xml").write_text(annotation_xml(image_id(i), size, objects))
+        result[image_id(i)] = objects
+    return result
+
+
+def voc_splits(params: DemoParams) -> dict[str, list[str]]:
+    """Image ids per split: trainval first (its first half train, the rest val), then test."""
+    trainval = [image_id(i) for i in range(params.voc_trainval)]
+    half = (len(trainval) + 1) // 2
+    return {"train": trainval[:half], "val": trainval[half:], "trainval": trainval,
+            "test": [image_id(i) for i in range(params.voc_trainval, params.voc_trainval + params.voc_test)]}
+
+
+def class_flag(objects: Sequence[VocObject], name: str) -> int:
+    """The devkit's per-class image label: 1 present, 0 only difficult instances, -1 absent."""
+    mine = [o for o in objects if o.name == name]
+    if any(not o.difficult for o in mine):
+        return 1
+    return 0 if mine else -1
+
+
+def write_image_sets(root: Path, splits: dict[str, list[str]], objects: dict[str, list[VocObject]]) -> None:
+    """``ImageSets/Main/<split>.txt`` and ``<class>_<split>.txt`` in the devkit's layout (``000001 -1``)."""
+    main = root / "ImageSets" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        for name in PASCAL_SYNSETS:
+            (main / f"{name}_{split}.txt").write_text("".join(f"{i} {class_flag(objects[i], name):2d}\n"
+                                                              for i in ids))
+
+
+# -- the folder -------------------------------------------------------------------------------------------------------
+def folder_spec(params: DemoParams) -> dict[str, Any]:
+    """Everything that determines the files: the folder's name is its hash."""
+    return {"params": asdict(params), "generator_version": GENERATOR_VERSION,
+            "wordnet_sha256": wordnet.load().checksum}
+
+
+def folder_for(params: Mapping[str, Any], cache_dir: Path) -> Path:
+    return Path(cache_dir) / "demo" / spec_hash(folder_spec(parse_params(params)))
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def worker_count() -> int:
+    """Two single-threaded worker processes ran faster and steadier than threads on 2-core machines."""
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def start_method() -> str:
+    """fork: workers need nothing from the parent but arguments, and spawn would re-run a caller's script that
+    lacks an ``if __name__ == "__main__"`` guard."""
+    return "fork" if "fork" in get_all_start_methods() else "spawn"
+
+
+def run_units(out: Path, params: DemoParams, workers: int) -> tuple[int, dict[str, list[VocObject]]]:
+    """Write all images (in parallel when ``workers`` > 1); returns the ImageNet count and the VOC objects."""
+    n_scenes = params.voc_trainval + params.voc_test
+    class_units = chunks(range(len(wordnet.load().classes)), 25)
+    scene_units = chunks(range(n_scenes), 100)
+    if workers == 1:
+        images = sum(write_classes(out, params, unit) for unit in class_units)
+        scenes = [write_scenes(out, params, unit) for unit in scene_units]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context(start_method())) as pool:
+            image_jobs = [pool.submit(write_classes, out, params, unit) for unit in class_units]
+            scene_jobs = [pool.submit(write_scenes, out, params, unit) for unit in scene_units]
+            images = sum(job.result() for job in image_jobs)
+            scenes = [job.result() for job in scene_jobs]
+    return images, {k: v for unit in scenes for k, v in unit.items()}
+
+
+def manifest(params: DemoParams, images: int, objects: dict[str, list[VocObject]]) -> dict[str, Any]:
+    """What the folder holds; deterministic (no times or hosts) so two generations are byte-identical."""
+    flat = [o for objs in objects.values() for o in objs]
+    return {
+        **folder_spec(params),
+        "counts": {
+            "imagenet_classes": len(wordnet.load().classes),
+            "imagenet_train": params.train_per_class * len(wordnet.load().classes),
+            "imagenet_val": params.val_per_class * len(wordnet.load().classes),
+            "imagenet_images": images,
+            "voc_images": len(objects),
+            "voc_objects": len(flat),
+            "voc_difficult": sum(o.difficult for o in flat),
+            "voc_truncated": sum(o.truncated for o in flat),
+            "voc_objects_per_class": {n: sum(o.name == n for o in flat) for n in PASCAL_SYNSETS},
+        },
+    }
+
+
+def generate(params: DemoParams, out: Path, workers: int) -> None:
+    """Write the whole pair into ``out`` (an empty folder); ``manifest.json`` last."""
+    root = out / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations"):
+        (root / sub).mkdir(parents=True)
+    images, objects = run_units(out, params, workers)
+    write_image_sets(root, voc_splits(params), objects)
+    (out / MANIFEST).write_text(json.dumps(manifest(params, images, objects), indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder beside the final one (same file system, so the final rename is atomic), removed after."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    except OSError as e:
+        raise UserError(f"paths.cache: cannot write {parent}: {e.strerror}") from e
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place; if another generator won the race, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():  # an incomplete leftover (not ours to trust): replace it
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+
+
+def ensure(params: Mapping[str, Any], cache_dir: Path) -> Path:
+    """The demo folder for ``params`` (``imagenet/``, ``VOCdevkit/``, ``manifest.json``), generated if missing."""
+    spec = parse_params(params)
+    final = folder_for(params, cache_dir)
+    if (final / MANIFEST).is_file():
+        return final
+    with scratch_dir(final.parent, f".{final.name}.tmp-") as tmp:
+        generate(spec, tmp, worker_count())
+        publish(tmp, final)
+    return final
