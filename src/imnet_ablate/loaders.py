@@ -1,0 +1,250 @@
+"""Image pipelines for pre-training: decode, uint8 augmentation, a resumable deterministic sampler, DataLoaders.
+
+Batches are uint8 NCHW (a quarter of the bytes of float32 through the worker pipes); normalisation happens on the
+device (``models.normalize``). The sampler yields ``(index, aug_seed)`` keys: every image's crop and flip depend
+only on ``(seed, epoch, index)``, never on which worker loaded it or whether the epoch was resumed midway, which is
+what makes an interrupted run bitwise identical to an uninterrupted one.
+
+Another backend (the packed store) plugs in by providing a Dataset whose ``__getitem__((index, aug_seed))`` returns
+``(image uint8 CHW | None, label, path)`` built from :func:`decode`, :func:`train_augment` and :func:`val_transform`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]  # (dataset index, augmentation seed)
+
+
+# -- decode and augment (shared by every backend) ---------------------------------------------------------------
+def decode(data: bytes) -> torch.Tensor:
+    """JPEG/PNG/... bytes -> uint8 RGB CHW. libjpeg-turbo via torchvision for JPEG, PIL for anything else
+    (PNGs named .JPEG and CMYK JPEGs both occur in ImageNet). Raises ValueError on undecodable bytes."""
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # CMYK / unusual JPEG: let PIL try
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_short(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (antialiased bilinear), aspect kept; no-op if already there."""
+    h, w = img.shape[-2:]
+    if min(h, w) == size:
+        return img
+    return TF.resize(img, [size], antialias=True)
+
+
+def _random_crop_flip(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Caffe's augmentation: a random ``size`` x ``size`` window, flipped with probability 1/2."""
+    h, w = img.shape[-2:]
+    if h < size or w < size:
+        img = TF.resize(img, [max(size, math.ceil(size * h / min(h, w)))], antialias=True)
+        h, w = img.shape[-2:]
+    top = int(torch.randint(0, h - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+    out = img[:, top:top + size, left:left + size]
+    return out.flip(-1) if torch.rand((), generator=g) < 0.5 else out
+
+
+def _random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator,
+                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                         ) -> torch.Tensor:
+    """torchvision's RandomResizedCrop + flip, drawn from ``g`` so it is reproducible per image."""
+    h, w = img.shape[-2:]
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(torch.empty(()).uniform_(scale[0], scale[1], generator=g))
+        aspect = math.exp(float(torch.empty(()).uniform_(log_ratio[0], log_ratio[1], generator=g)))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            break
+    else:  # fall back to a centre crop at the clamped aspect ratio, as torchvision does
+        in_ratio = w / h
+        cw, ch = (w, round(w / ratio[0])) if in_ratio < ratio[0] else \
+            (round(h * ratio[1]), h) if in_ratio > ratio[1] else (w, h)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    out = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+    return out.flip(-1) if torch.rand((), generator=g) < 0.5 else out
+
+
+def train_augment(img: torch.Tensor, size: int, resize: int, mode: str, g: torch.Generator) -> torch.Tensor:
+    """uint8 CHW -> uint8 ``size`` x ``size`` training crop. ``mode``: ``crop`` (resize the shorter side to
+    ``resize``, random crop + flip: the Caffe recipe) or ``resized_crop`` (RandomResizedCrop + flip)."""
+    if mode == "crop":
+        return _random_crop_flip(resize_short(img, resize), size, g)
+    if mode == "resized_crop":
+        return _random_resized_crop(img, size, g)
+    raise UserError(f"train.augment={mode}: expected crop or resized_crop")
+
+
+def val_transform(img: torch.Tensor, size: int, resize: int) -> torch.Tensor:
+    """uint8 CHW -> the centre ``size`` crop of the image resized to shorter side ``resize``."""
+    return TF.center_crop(resize_short(img, resize), [size, size])
+
+
+def aug_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-image, per-epoch seed (63 bits) independent of the order images are loaded in."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 2_654_435_761) % (2 ** 63 - 1)
+
+
+# -- dataset over a subset's TSV files --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Transform:
+    """What a dataset applies after decoding: a training augmentation or the validation centre crop."""
+    size: int
+    resize: int
+    mode: str  # crop | resized_crop | val
+
+    def __call__(self, img: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.mode == "val":
+            return val_transform(img, self.size, self.resize)
+        return train_augment(img, self.size, self.resize, self.mode, torch.Generator().manual_seed(seed))
+
+
+def read_split(subset_dir: Path, split: str) -> tuple[list[str], list[int]]:
+    """``path`` and ``label`` columns of a subset's ``train.tsv`` / ``val.tsv``."""
+    tsv = Path(subset_dir) / f"{split}.tsv"
+    try:
+        lines = tsv.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{tsv}: cannot read ({e.strerror}); rebuild the subset with `ablate subset`") from e
+    if not lines or lines[0].split("\t")[:2] != ["path", "label"]:
+        raise UserError(f"{tsv}: expected a header 'path<TAB>label<TAB>wnid'")
+    paths, labels = [], []
+    for n, line in enumerate(lines[1:], 2):
+        cols = line.split("\t")
+        try:
+            paths.append(cols[0])
+            labels.append(int(cols[1]))
+        except (IndexError, ValueError) as e:
+            raise UserError(f"{tsv}:{n}: expected 'path<TAB>label<TAB>wnid', got {line!r}") from e
+    return paths, labels
+
+
+def data_root(subset_dir: Path) -> Path:
+    """The ImageNet root the subset's paths are relative to (``manifest.json``'s ``data_root``)."""
+    manifest = Path(subset_dir) / "manifest.json"
+    try:
+        return Path(json.loads(manifest.read_text())["data_root"])
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{manifest}: cannot read data_root ({e}); rebuild the subset with `ablate subset`") from e
+
+
+class FilesDataset(Dataset):
+    """The reference path: one image file per sample, read and decoded in the worker."""
+
+    def __init__(self, root: Path, paths: list[str], labels: list[int], transform: Transform):
+        self.root, self.paths, self.labels, self.transform = Path(root), paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor | None, int, str]:
+        index, seed = key
+        path = self.paths[index]
+        try:
+            img = self.transform(decode((self.root / path).read_bytes()), seed)
+        except (OSError, ValueError):
+            img = None  # counted and reported by the training loop
+        return img, self.labels[index], path
+
+
+def collate(samples: list[tuple[torch.Tensor | None, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack the good images into a uint8 NCHW batch; return the paths of the unreadable ones beside it."""
+    good = [(img, label) for img, label, _ in samples if img is not None]
+    bad = [path for img, _, path in samples if img is None]
+    if not good:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
+    return torch.stack([img for img, _ in good]), torch.tensor([label for _, label in good]), bad
+
+
+# -- sampler ----------------------------------------------------------------------------------------------------
+class ResumableSampler(Sampler[Key]):
+    """Epoch order = permutation(seed, epoch); rank r of w takes every w-th entry (padded like DistributedSampler
+    so every rank gets the same count) and starts at ``start`` of its share. ``set_epoch`` between epochs."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, pad: bool = True):
+        self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def shard(self) -> list[int]:
+        """This rank's indices for the current epoch, before skipping ``start``."""
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order = order.tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.n % self.world:
+            order += order[: self.world - self.n % self.world]
+        return order[self.rank::self.world]
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
+        return max(0, per_rank - self.start)
+
+    def __iter__(self) -> Iterator[Key]:
+        for index in self.shard()[self.start:]:
+            yield index, aug_seed(self.seed, self.epoch, index)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Workers get distinct numpy/random seeds derived from torch's per-worker seed (set by the DataLoader)."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, loader_cfg: DictConfig,
+                drop_last: bool, pin_memory: bool) -> DataLoader:
+    """A DataLoader over ``(index, aug_seed)`` keys. Its own generator keeps it from drawing on the global RNG
+    (which dropout uses), so creating an iterator mid-run does not change the training's random stream."""
+    workers = int(loader_cfg.num_workers)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker,
+                      persistent_workers=bool(loader_cfg.persistent_workers) and workers > 0,
+                      prefetch_factor=int(loader_cfg.prefetch_factor) if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(sampler.seed))
+
+
+def build_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfig, loader_cfg: DictConfig
+             ) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets of a subset folder for the configured backend."""
+    if loader_cfg.name != "files":
+        raise UserError(f"loader={loader_cfg.name}: not available in this version; use loader=files")
+    root = data_root(subset_dir)
+    size, resize = int(model_cfg.input_size), int(model_cfg.resize)
+    train = FilesDataset(root, *read_split(subset_dir, "train"), Transform(size, resize, str(train_cfg.augment)))
+    val = FilesDataset(root, *read_split(subset_dir, "val"), Transform(size, resize, "val"))
+    return train, val

@@ -1,0 +1,497 @@
+"""``ablate pretrain subset=<preset> [model=...] [train=...]``: train an AlexNet on a subset, resumably.
+
+The folder ``<runs>/pretrain/<subset>-<model>-<hash>`` is keyed by the subset's content, the model, the recipe and
+the seed. A finished folder is reused; an interrupted one resumes from ``checkpoint.pt`` (model, optimizer,
+scheduler, scaler, every rank's RNG states, epoch and position in it). Image order and augmentation are functions of
+(seed, epoch, index) (see ``loaders``), so with ``train.deterministic=true`` a resumed CPU run ends with exactly the
+weights of an uninterrupted one. SIGTERM / SIGUSR1 (a scheduler's preemption warning) checkpoint at the next step
+and exit with status 130; rerunning the command resumes.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from . import loaders, models, store
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ["config.yaml", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt", "log.txt"]
+METRICS = ["epoch", "iteration", "loss", "top1", "top5", "val_loss", "lr", "images_per_s"]
+# train.* keys that change how a run is operated, not what it computes: kept out of the folder hash.
+OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_every", "compile")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+# -- pure helpers -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """The schedule in iterations for this subset size and number of processes."""
+    iters_per_epoch: int
+    total_iters: int
+    step_iters: int
+    epochs: int
+
+
+def make_plan(t: DictConfig, n_train: int, world: int) -> Plan:
+    """``schedule`` is written for ``reference_images``; ``budget`` says whether a subset keeps its epochs or its
+    iterations. E.g. the Caffe schedule (450k iterations) on a half-size subset: 225k iterations (same_epochs) or
+    450k iterations, i.e. 180 epochs (same_iterations)."""
+    batch = int(t.batch_size)
+    if batch % world:
+        raise UserError(f"train.batch_size={batch}: must be divisible by the number of processes ({world})")
+    iters_per_epoch = math.ceil(n_train / world) // (batch // world)
+    if iters_per_epoch == 0:
+        raise UserError(f"train.batch_size={batch}: larger than the subset's {n_train} training images")
+    s = t.schedule
+    if s.unit not in ("epoch", "iteration"):
+        raise UserError(f"train.schedule.unit={s.unit}: expected epoch or iteration")
+    ref_iters_per_epoch = int(t.reference_images) / batch
+    per_unit = 1.0 if s.unit == "iteration" else ref_iters_per_epoch  # reference iterations per schedule unit
+    if t.budget == "same_iterations":
+        scale = 1.0
+    elif t.budget == "same_epochs":
+        scale = iters_per_epoch / ref_iters_per_epoch
+    else:
+        raise UserError(f"train.budget={t.budget}: expected same_epochs or same_iterations")
+    total = max(1, round(float(s.length) * per_unit * scale))
+    step = max(1, round(float(s.step_every) * per_unit * scale))
+    return Plan(iters_per_epoch, total, step, math.ceil(total / iters_per_epoch))
+
+
+def subset_folder(cfg: DictConfig) -> Path:
+    """``subset_dir`` if given (a folder built elsewhere), else the subset stage, built if needed."""
+    if cfg.get("subset_dir"):
+        folder = Path(str(cfg.subset_dir)).expanduser().resolve()
+        if not (folder / "manifest.json").is_file():
+            raise UserError(f"subset_dir={cfg.subset_dir}: no manifest.json there; expected a subset folder")
+        return folder
+    from . import subsets
+
+    return subsets.build(cfg)
+
+
+def subset_identity(folder: Path) -> tuple[str, str, int]:
+    """(name, content hash, num_classes) of a subset folder; the hash covers its index files, not its location."""
+    h = hashlib.sha256()
+    for name in ("train.tsv", "val.tsv", "classes.tsv"):
+        try:
+            h.update(store.file_sha256(folder / name).encode())
+        except OSError as e:
+            raise UserError(f"{folder / name}: cannot read ({e.strerror}); rebuild the subset") from e
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stem, _, suffix = folder.name.rpartition("-")
+    name = stem if len(suffix) == 12 and stem else folder.name
+    return name, h.hexdigest()[:16], int(manifest["num_classes"])
+
+
+def make_stage(cfg: DictConfig, folder: Path) -> tuple[store.Stage, int]:
+    name, subset_hash, num_classes = subset_identity(folder)
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL}
+    spec = {"subset": subset_hash, "num_classes": num_classes, "model": OmegaConf.to_container(cfg.model),
+            "train": train, "loader": cfg.loader.name, "seed": int(cfg.seed)}
+    return store.Stage(cfg.paths.runs, "pretrain", f"{name}-{cfg.model.name}", spec), num_classes
+
+
+def lr_factor(step_iters: int, gamma: float):
+    """Step decay: lr x gamma every ``step_iters`` iterations (a module-level closure keeps the scheduler's
+    state_dict free of code)."""
+    return lambda it: gamma ** (it // step_iters)
+
+
+def make_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.SGD:
+    """SGD with Caffe's per-blob multipliers: biases get ``bias_lr_mult`` x lr and decay only if ``bias_decay``."""
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    return torch.optim.SGD([
+        {"params": weights, "lr": o.lr, "weight_decay": o.weight_decay},
+        {"params": biases, "lr": o.lr * o.bias_lr_mult, "weight_decay": o.weight_decay if o.bias_decay else 0.0},
+    ], lr=o.lr, momentum=o.momentum)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random stream the loop draws on, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": list(random.getstate())}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- processes, devices, signals ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: DictConfig) -> Context:
+    """Device, process group (under torchrun), determinism and speed switches."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA device visible; use device=auto or device=cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=use_cuda)  # CUDA max-pool backward has no such kernel
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Context(rank, world, device)
+
+
+def flag(value: bool, ctx: Context) -> bool:
+    """True on every rank if it is true on any (all ranks must agree to stop at the same step)."""
+    if ctx.world == 1:
+        return value
+    t = torch.tensor([float(value)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_sum(values: list[float], ctx: Context) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks at each step boundary (then checkpoints and exits)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for s in STOP_SIGNALS:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def log_to(path: Path, enabled: bool):
+    """Append this process's log records to ``log.txt`` (appended across resumes) while the stage runs."""
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+# -- outputs ----------------------------------------------------------------------------------------------------
+def save_torch(path: Path, obj: Any) -> None:
+    with store.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    store.atomic_write_text(path, buf.getvalue())
+
+
+def load_checkpoint(stage: store.Stage, ctx: Context) -> dict[str, Any] | None:
+    path = stage.path / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: torch raises many types here
+        raise UserError(f"{path}: unreadable checkpoint ({e}); delete it to start this run over") from e
+    if ckpt.get("stage_hash") != stage.hash:
+        raise UserError(f"{path}: written for a different config (hash {ckpt.get('stage_hash')}, this run "
+                        f"{stage.hash}); delete the folder or rerun with the config recorded in its config.yaml")
+    if ckpt["world"] != ctx.world:
+        raise UserError(f"{path}: written by {ckpt['world']} processes, this run has {ctx.world}; "
+                        f"resume with train.devices={ckpt['world']}")
+    return ckpt
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> Path:
+    """Build the subset if needed, then train (or resume, or find the finished run)."""
+    folder = subset_folder(cfg)
+    stage, num_classes = make_stage(cfg, folder)
+    if stage.is_done():
+        log.info("already trained: %s", stage.path)
+        return stage.path
+    if int(cfg.train.devices) > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch(cfg, stage)
+    ctx = setup(cfg)
+    try:
+        with stage.lock() if ctx.main else contextlib.nullcontext():
+            if not flag(ctx.main and stage.is_done(), ctx):  # someone else finished while we waited
+                if ctx.main:
+                    stage.write_spec({"subset_dir": str(folder)})
+                    store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                with log_to(stage.path / "log.txt", ctx.main):
+                    train(cfg, stage, folder, num_classes, ctx)
+                if ctx.main:
+                    stage.finish(OUTPUTS)
+            if ctx.world > 1:
+                dist.barrier()
+    except torch.cuda.OutOfMemoryError as e:
+        b = int(cfg.train.batch_size)
+        raise UserError(f"train.batch_size={b}: out of GPU memory; try train.batch_size={max(1, b // 2)} "
+                        f"(and scale train.optimizer.lr with it)") from e
+    finally:
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return stage.path
+
+
+def relaunch(cfg: DictConfig, stage: store.Stage) -> Path:
+    """``train.devices=N``: rerun this command under torchrun with N processes; forward preemption signals."""
+    from hydra.core.hydra_config import HydraConfig
+
+    n = int(cfg.train.devices)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "imnet_ablate.cli", "pretrain", *HydraConfig.get().overrides.task]
+    log.info("launching %d processes: %s", n, " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    forwarded = False
+    with StopRequest() as stop:
+        while proc.poll() is None:
+            if stop.signum is not None:
+                proc.send_signal(signal.SIGTERM)  # torchrun passes SIGTERM on to every worker
+                stop.signum, forwarded = None, True
+            time.sleep(0.2)
+    if proc.returncode == 0:
+        return stage.path
+    if forwarded or proc.returncode == 130:
+        raise KeyboardInterrupt
+    raise UserError(f"train.devices={n}: torchrun exited with status {proc.returncode}; see the errors above and "
+                    f"{stage.path / 'log.txt'}")
+
+
+def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, ctx: Context) -> None:
+    t, dev, out = cfg.train, ctx.device, stage.path
+    train_ds, val_ds = loaders.build_datasets(folder, cfg.model, t, cfg.loader)
+    plan = make_plan(t, len(train_ds), ctx.world)
+    batch = int(t.batch_size) // ctx.world
+    amp = {"auto": "bf16" if dev.type == "cuda" else "off"}.get(str(t.amp), str(t.amp))
+    compile_ = t.compile is True or (t.compile == "auto" and dev.type == "cuda")
+    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    pin = cfg.loader.pin_memory is True or (cfg.loader.pin_memory == "auto" and dev.type == "cuda")
+
+    torch.manual_seed(int(cfg.seed))  # same initial weights on every rank
+    model = models.build(cfg.model, num_classes).to(dev, memory_format=fmt)
+    optimizer = make_optimizer(model, t.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(plan.step_iters, float(t.schedule.gamma)))
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16")
+    ckpt = load_checkpoint(stage, ctx)
+    epoch, pos, it, history, stats = 0, 0, 0, [], {"loss_sum": 0.0, "images": 0, "bad": 0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, pos, it, history, stats = ckpt["epoch"], ckpt["pos"], ckpt["iteration"], ckpt["history"], ckpt["stats"]
+        set_rng_state(ckpt["rng"][ctx.rank], dev)
+        log.info("resuming %s at epoch %d, step %d of the epoch (iteration %d)", out, epoch, pos, it)
+    else:
+        torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks
+        log.info("training %s: %d images, %d classes, %s; %d iterations (%d epochs of %d), lr /%g every %d",
+                 out, len(train_ds), num_classes, cfg.model.name, plan.total_iters, plan.epochs,
+                 plan.iters_per_epoch, 1 / float(t.schedule.gamma), plan.step_iters)
+    net = torch.compile(model) if compile_ else model
+    if ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    sampler = loaders.ResumableSampler(len(train_ds), int(cfg.seed), True, ctx.rank, ctx.world)
+    loader = loaders.make_loader(train_ds, sampler, batch, cfg.loader, drop_last=True, pin_memory=pin)
+    val_loader = loaders.make_loader(val_ds, loaders.ResumableSampler(len(val_ds), 0, False, ctx.rank, ctx.world,
+                                                                     pad=False), batch, cfg.loader, False, pin)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                              enabled=amp != "off")
+    size = int(cfg.model.input_size)
+    max_bad = float(cfg.loader.max_bad_fraction) * len(train_ds) / ctx.world
+    tb = tensorboard(out) if t.tensorboard and ctx.main else None
+    show = ctx.main and (t.progress is True or (t.progress == "auto" and sys.stderr.isatty()))
+
+    def save(epoch: int, pos: int, stats: dict[str, Any]) -> None:
+        rng = [rng_state(dev)]
+        if ctx.world > 1:
+            rng = [None] * ctx.world
+            dist.all_gather_object(rng, rng_state(dev))
+        if ctx.main:
+            save_torch(out / "checkpoint.pt", {
+                "stage_hash": stage.hash, "world": ctx.world, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng, "epoch": epoch, "pos": pos, "iteration": it, "history": history, "stats": stats})
+
+    with StopRequest() as stop:
+        while epoch < plan.epochs:
+            sampler.set_epoch(epoch, pos * batch)
+            net.train()
+            t0, seen0, bad_paths = time.perf_counter(), stats["images"], []
+            loss_sum = torch.tensor(stats["loss_sum"], dtype=torch.float64, device=dev)  # no per-step GPU sync
+            bar = tqdm(total=plan.iters_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{plan.epochs}",
+                       unit="it", disable=not show, mininterval=1.0, dynamic_ncols=True)
+            for images, labels, bad in loader:
+                if it >= plan.total_iters:
+                    break
+                stats["bad"] += len(bad)
+                bad_paths += bad
+                if stats["bad"] > max_bad:
+                    raise UserError(f"{stats['bad']} unreadable images in {folder} (first: {', '.join(bad_paths[:3])})"
+                                    f", more than loader.max_bad_fraction={cfg.loader.max_bad_fraction}; fix the "
+                                    f"data (ablate data check) or raise the fraction")
+                if not len(labels):  # every image of the batch unreadable: a zero-size step keeps ranks in step
+                    images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
+                x = models.normalize(images.to(dev, non_blocking=True))
+                y = labels.to(dev, non_blocking=True)
+                with autocast:
+                    loss = F.cross_entropy(net(x).float(), y, reduction="sum") / max(1, len(y))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                it, pos = it + 1, pos + 1
+                loss_sum += loss.detach() * len(y)
+                stats["images"] += len(y)
+                bar.update()
+                if it % int(t.log_every) == 0:
+                    rate = (stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                    log.info("it %d/%d epoch %d loss %.4f lr %.3g %.0f img/s", it, plan.total_iters, epoch + 1,
+                             loss.item(), scheduler.get_last_lr()[0], rate)
+                    if tb:
+                        tb.add_scalar("train/loss", loss.item(), it)
+                if flag(stop.signum is not None, ctx):
+                    save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
+                    log.warning("stop signal: checkpointed at iteration %d; rerun the command to resume", it)
+                    raise KeyboardInterrupt
+                if it % int(t.checkpoint_every) == 0:
+                    save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
+            bar.close()
+            if bad_paths:
+                log.warning("epoch %d: skipped %d unreadable images (first: %s)", epoch + 1, len(bad_paths),
+                            ", ".join(bad_paths[:5]))
+            loss_total, images = all_sum([float(loss_sum), stats["images"]], ctx)
+            rate = (stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
+            epoch, pos = epoch + 1, 0
+            last = it >= plan.total_iters
+            row = {"epoch": epoch, "iteration": it, "loss": round(loss_total / max(1, images), 6), "top1": "",
+                   "top5": "", "val_loss": "", "lr": scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
+            if epoch % int(t.eval_every) == 0 or last:
+                row.update(evaluate(net, val_loader, autocast, num_classes, ctx))
+            history.append(row)
+            stats = {"loss_sum": 0.0, "images": 0, "bad": 0}
+            log.info("epoch %d/%d: %s", epoch, plan.epochs, " ".join(f"{k} {v}" for k, v in row.items()))
+            if tb:
+                for k in ("loss", "top1", "top5", "val_loss"):
+                    if row[k] != "":
+                        tb.add_scalar(f"epoch/{k}", row[k], epoch)
+            if ctx.main:
+                write_metrics_csv(out / "metrics.csv", history)
+            save(epoch, pos, stats)
+            if last:
+                break
+    if tb:
+        tb.close()
+    if ctx.main:
+        save_torch(out / "model.pt", model.state_dict())
+        final = next(r for r in reversed(history) if r["top1"] != "")
+        store.atomic_write_json(out / "metrics.json", {
+            "num_classes": num_classes, "train_images": len(train_ds), "val_images": len(val_ds),
+            "model": cfg.model.name, "recipe": t.name, "budget": t.budget, "plan": asdict(plan), "world": ctx.world,
+            "subset_dir": str(folder), "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
+            "loss": history[-1]["loss"], "iterations": it, "epochs": history[-1]["epoch"]})
+
+
+@torch.no_grad()
+def evaluate(net: torch.nn.Module, loader: torch.utils.data.DataLoader, autocast: Any, num_classes: int,
+             ctx: Context) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean loss on the subset's val.tsv (centre crops), summed over ranks."""
+    net.eval()
+    k = min(5, num_classes)
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-k hits, images
+    bad: list[str] = []
+    for images, labels, bad_batch in loader:
+        bad += bad_batch
+        if not len(labels):
+            continue
+        x = models.normalize(images.to(ctx.device, non_blocking=True))
+        y = labels.to(ctx.device, non_blocking=True)
+        with autocast:
+            logits = net(x).float()
+        hits = logits.topk(k, dim=1).indices == y[:, None]
+        totals = [a + b for a, b in zip(totals, [F.cross_entropy(logits, y, reduction="sum").item(),
+                                                 hits[:, 0].sum().item(), hits.any(1).sum().item(), len(y)])]
+    if bad:
+        log.warning("validation: skipped %d unreadable images (first: %s)", len(bad), ", ".join(bad[:5]))
+    loss, top1, topk, n = all_sum(totals, ctx)
+    n = max(n, 1)
+    return {"top1": round(100 * top1 / n, 4), "top5": round(100 * topk / n, 4), "val_loss": round(loss / n, 6)}
+
+
+def tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UserError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
+    return SummaryWriter(str(folder / "tb"))
