@@ -48,11 +48,12 @@ def _scandir(path: Path) -> list[os.DirEntry]:
         raise _unreadable(path, e) from e
 
 
-def _stat_sig(path: Path) -> str:
+def _stat_sig(path: Path | os.DirEntry) -> str:
+    """mtime and size: a folder's mtime changes whenever an entry is added, removed or renamed in it."""
     try:
         st = path.stat()
     except OSError as e:
-        raise _unreadable(path, e) from e
+        raise _unreadable(Path(path), e) from e
     return f"{st.st_mtime_ns}:{st.st_size}"
 
 
@@ -193,7 +194,7 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
         train_dirs = class_folders(train, "data.root")
         if not train_dirs:
             raise UserError(f"data.root={root}: train/ has no class folders; expected train/<wnid>/*.JPEG")
-        key += ["train", _stat_sig(train), *(f"{d.name}={_stat_sig(Path(d.path))}" for d in train_dirs)]
+        key += ["train", _stat_sig(train), *(f"{d.name}={_stat_sig(d)}" for d in train_dirs)]
     val = (root / val_dir).resolve()
     if not val.is_relative_to(root):
         raise UserError(f"data.val_dir={val_dir}: outside data.root={root}; expected a folder under data.root")
@@ -206,7 +207,7 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
         if not val_dirs and any(_is_image(e.name) for e in _scandir(val)):
             raise UserError(f"data.val_labels: {val} holds images but no <wnid>/ folders; expected "
                             "data.val_labels=<file with '<file name> <wnid>' lines>")
-        key += ["val", _stat_sig(val), *(f"{d.name}={_stat_sig(Path(d.path))}" for d in val_dirs)]
+        key += ["val", _stat_sig(val), *(f"{d.name}={_stat_sig(d)}" for d in val_dirs)]
     key.append(f"{len(train_dirs)}:{len(val_dirs)}")
 
     cache_file = Path(cache_dir) / "listings" / f"{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:24]}.tsv"

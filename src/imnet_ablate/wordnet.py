@@ -85,7 +85,7 @@ def bottom_up_steps(h: Hierarchy) -> list[Grouping]:
 
 
 def top_down_steps(h: Hierarchy) -> list[Grouping]:
-    """Every level of the authors' top-down merge (127, 10, 2 classes).
+    """Every level of the authors' top-down merge: 127, 10, 2 classes (the ones they released), then 1.
 
     Each step replaces each label by its first parent, then maps each label to its highest ancestor-or-self that is
     also a label, so a label never sits below another one.
