@@ -1,0 +1,543 @@
+"""``ablate data check``: validate an ImageNet and/or VOC copy before hours of training depend on it.
+
+Every problem is a finding with a severity. *Errors* make a file (or the copy) unusable: the loaders would drop the
+image at training time, or the listing / VOC reader would refuse the tree. *Warnings* are usable and handled:
+CMYK and grayscale images are converted to RGB by the loaders, a PNG named ``.JPEG`` is decoded by its content,
+non-image files are ignored by the listing. The command exits 0 when there are no errors and 1 otherwise, naming
+the first offending paths.
+
+The report is a stage folder (``<runs>/datacheck/<data>-<what>-<hash>/report.json``) keyed by the roots and a
+signature of every checked file's path, size and mtime, so rerunning on an unchanged copy is instant and a changed
+copy is checked again. Data roots may be read-only, so nothing is written beside the data; the unusable ImageNet
+files are also recorded under ``<paths.cache>/datacheck/`` where :func:`known_bad` finds them for the subset
+builder (:func:`without_known_bad`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import datasets, store
+from .errors import UserError
+
+WHAT = ("imagenet", "voc", "both")
+CHUNK = 256  # files per worker task: big enough to amortise the pickling, small enough to balance two cores
+
+# problem code -> (severity, what happens to such a file)
+PROBLEMS: dict[str, tuple[str, str]] = {
+    "empty": ("error", "zero-byte file; the loaders drop it"),
+    "unreadable": ("error", "cannot be read; the loaders drop it"),
+    "not-an-image": ("error", "not an image; the loaders drop it"),
+    "truncated": ("error", "truncated image data; the loaders drop it"),
+    "undecodable": ("error", "image data cannot be decoded; the loaders drop it"),
+    "too-large": ("error", "over PIL's decompression-bomb limit; the loaders drop it"),
+    "missing-folder": ("error", "a folder the readers need is missing"),
+    "not-a-wnid": ("error", "folder name is not a wnid; the listing refuses the tree"),
+    "annotation": ("error", "malformed, refused (DTD/entities) or schema-violating XML; the VOC reader refuses it"),
+    "bad-size": ("error", "annotation <size> is not positive; boxes cannot be checked or scaled"),
+    "split": ("error", "split file missing or listing an id twice; the VOC reader refuses it"),
+    "missing-annotation": ("error", "listed in a split without Annotations/<id>.xml; the VOC reader refuses it"),
+    "missing-jpeg": ("error", "listed in a split without JPEGImages/<id>.jpg; training refuses it"),
+    "cmyk": ("warning", "CMYK; the loaders convert it to RGB"),
+    "grayscale": ("warning", "grayscale; the loaders convert it to RGB"),
+    "misnamed": ("warning", "content format differs from the extension; the loaders decode by content"),
+    "tiny": ("warning", "smaller than check.min_side; usable, upscaled by the loaders"),
+    "stray-file": ("warning", "not an image or outside a class folder; ignored by the listing"),
+    "unknown-class": ("warning", "wnid is not one of the 1000 ILSVRC-2012 classes; ignored by the subset builder"),
+    "box-outside": ("warning", "box extends outside the image; kept as written (the devkit scores it so)"),
+    "box-empty": ("warning", "box has zero width or height; kept as written"),
+    "no-objects": ("warning", "annotation without objects; contributes only negatives"),
+    "size-mismatch": ("warning", "annotation <size> differs from the JPEG; boxes are used as written"),
+    "unlisted": ("warning", "in no split file; never used"),
+}
+# Image problems that make one file unusable: these are what known_bad() hands the subset builder.
+BAD_IMAGE = {"empty", "unreadable", "not-an-image", "truncated", "undecodable", "too-large"}
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+FORMAT_OF_EXT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+VOC_SPLITS = {"trainval": True, "test": True, "train": False, "val": False}  # split -> required by transfer
+
+
+@dataclass(frozen=True)
+class Finding:
+    dataset: str  # "imagenet" | "voc"
+    path: str  # relative to that dataset's root
+    problem: str  # a key of PROBLEMS
+    detail: str = ""
+
+    @property
+    def severity(self) -> str:
+        return PROBLEMS[self.problem][0]
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    workers: int
+    max_show: int
+    min_side: int
+
+
+@dataclass
+class Scan:
+    """Files found by walking a tree: what to decode, what is already a finding, and the tree's signature."""
+
+    root: Path
+    images: list[str] = dataclasses.field(default_factory=list)
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    stats: list[str] = dataclasses.field(default_factory=list)  # "rel size mtime_ns" of every file seen
+
+
+@dataclass
+class VocScan(Scan):
+    prefix: str = ""  # "VOC2007/" when the root is the VOCdevkit folder
+    xmls: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> rel path of Annotations/<id>.xml
+    jpegs: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> rel path of JPEGImages/<id>.jpg
+    splits: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # split -> ids
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+def read_check(cfg: DictConfig) -> Check:
+    """``cfg.check`` validated; one line per mistake naming key, value and what is allowed (exit 2)."""
+    c = cfg.check
+    if c.what not in WHAT:
+        raise UserError(f"check.what={c.what}: expected one of {', '.join(WHAT)}")
+    workers = c.workers
+    if workers == "auto":
+        workers = os.cpu_count() or 1
+    elif not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        raise UserError(f"check.workers={c.workers}: expected auto or a whole number >= 1")
+    for key in ("max_show", "min_side"):
+        v = c[key]
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise UserError(f"check.{key}={v}: expected a whole number >= 1")
+    return Check(str(c.what), int(workers), int(c.max_show), int(c.min_side))
+
+
+# -- one image (runs in the workers) ------------------------------------------------------------------------------
+def inspect_image(path: Path, min_side: int) -> tuple[list[tuple[str, str]], str | None]:
+    """(problems as (code, detail), PIL mode) of one image file, decoding all of its data.
+
+    JPEGs are decoded at 1/8 scale (``draft``): every byte is still entropy-decoded, so truncation is caught, at
+    a fraction of the cost of a full decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            return [("empty", "0 bytes")], None
+        with Image.open(path) as im:
+            fmt, mode, (w, h) = im.format, im.mode, im.size
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except UnidentifiedImageError:
+        return [("not-an-image", "PIL cannot identify the content")], None
+    except Image.DecompressionBombError as e:
+        return [("too-large", str(e))], None
+    except OSError as e:
+        if "truncated" in str(e).lower():
+            return [("truncated", str(e))], None
+        if isinstance(e, (PermissionError, IsADirectoryError)) or e.errno is not None:
+            return [("unreadable", e.strerror or str(e))], None
+        return [("undecodable", str(e))], None
+    except (ValueError, SyntaxError, EOFError, IndexError) as e:  # what PIL's plugins raise on broken data
+        return [("undecodable", f"{type(e).__name__}: {e}")], None
+    problems = []
+    if mode == "CMYK":
+        problems.append(("cmyk", "CMYK"))
+    elif mode in GRAYSCALE_MODES:
+        problems.append(("grayscale", f"mode {mode}"))
+    expected = FORMAT_OF_EXT.get(path.suffix.lower())
+    if expected and fmt != expected:
+        problems.append(("misnamed", f"{fmt} content named {path.suffix}"))
+    if min(w, h) < min_side:
+        problems.append(("tiny", f"{w}x{h}"))
+    return problems, mode
+
+
+def _check_images_chunk(args: tuple[str, str, list[str], int]) -> list[tuple[list[Finding], str | None, str]]:
+    dataset, root, rels, min_side = args
+    out = []
+    for rel in rels:
+        problems, mode = inspect_image(Path(root) / rel, min_side)
+        out.append(([Finding(dataset, rel, code, detail) for code, detail in problems], mode, rel))
+    return out
+
+
+def _check_xml_chunk(args: tuple[str, list[str]]) -> list[tuple[str, tuple[int, int] | None, list[Finding]]]:
+    """(annotation rel path, (width, height) or None, findings) for each Annotations/*.xml."""
+    from . import voc
+
+    root, rels = args
+    out = []
+    for rel in rels:
+        try:
+            image, warnings = voc.parse_annotation(Path(root) / rel)
+        except UserError as e:
+            out.append((rel, None, [Finding("voc", rel, "annotation", str(e).split(": ", 1)[-1])]))
+            continue
+        if image.width <= 0 or image.height <= 0:  # then every box is "outside": report the cause only
+            findings = [Finding("voc", rel, "bad-size", f"{image.width}x{image.height}")]
+        else:
+            findings = [Finding("voc", rel, "box-outside", w.split(": ", 1)[-1]) for w in warnings]
+        if len(image.labels) == 0:
+            findings.append(Finding("voc", rel, "no-objects"))
+        for k, (x1, y1, x2, y2) in enumerate(image.boxes.tolist()):
+            if x1 == x2 or y1 == y2:
+                findings.append(Finding("voc", rel, "box-empty", f"object {k} box ({x1:g}, {y1:g}, {x2:g}, {y2:g})"))
+        out.append((rel, (image.width, image.height), findings))
+    return out
+
+
+def _pool_map(fn: Callable, tasks: list, workers: int) -> Iterable:
+    """``map(fn, tasks)`` in ``workers`` spawned processes (inline for one worker or one task)."""
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(fn, tasks)
+
+
+def _chunks(items: Sequence[str]) -> list[list[str]]:
+    return [list(items[i:i + CHUNK]) for i in range(0, len(items), CHUNK)]
+
+
+# -- walking the trees --------------------------------------------------------------------------------------------
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot read ({e.strerror}); expected a readable folder") from e
+
+
+def _stat_line(entry: os.DirEntry, rel: str) -> str:
+    try:
+        st = entry.stat()
+        return f"{rel} {st.st_size} {st.st_mtime_ns}"
+    except OSError:
+        return f"{rel} ? ?"
+
+
+def _is_image_name(name: str) -> bool:
+    from .imagenet import IMG_EXTENSIONS
+
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_class_folder(scan: Scan, folder: Path, rel: str) -> None:
+    """Images of ``<split>/<wnid>/``; anything else in it is stray."""
+    for e in _entries(folder):
+        child = f"{rel}/{e.name}"
+        scan.stats.append(_stat_line(e, child))
+        if e.is_file() and _is_image_name(e.name):
+            scan.images.append(child)
+        else:
+            scan.findings.append(Finding("imagenet", child, "stray-file", "folder" if e.is_dir() else "not an image"))
+
+
+def scan_split(scan: Scan, root: Path, sub: str, classes: frozenset[str], flat: bool) -> None:
+    """``train/`` or the val folder: ``<wnid>/`` class folders, or (``flat``) images with a label file."""
+    from .wordnet import WNID
+
+    for e in _entries(root / sub):
+        rel = f"{sub}/{e.name}"
+        if e.is_dir():
+            if not WNID.fullmatch(e.name):
+                scan.findings.append(Finding("imagenet", rel, "not-a-wnid", "expected <split>/<wnid>/ folders"))
+            elif e.name not in classes:
+                scan.findings.append(Finding("imagenet", rel, "unknown-class"))
+            else:
+                scan_class_folder(scan, Path(e.path), rel)
+            continue
+        scan.stats.append(_stat_line(e, rel))
+        if flat and _is_image_name(e.name):
+            scan.images.append(rel)
+        else:
+            scan.findings.append(Finding("imagenet", rel, "stray-file", "outside a class folder"))
+
+
+def scan_imagenet(root: Path, val_dir: str, flat_val: bool) -> Scan:
+    from .wordnet import load
+
+    scan, classes = Scan(root), frozenset(load().classes)
+    if not (root / "train").is_dir():
+        scan.findings.append(Finding("imagenet", "train", "missing-folder", "expected train/<wnid>/*.JPEG"))
+    else:
+        scan_split(scan, root, "train", classes, flat=False)
+    if (root / val_dir).is_dir():
+        scan_split(scan, root, val_dir.strip("/"), classes, flat=flat_val)
+    return scan
+
+
+def _voc_ids(folder: Path, sub: str, suffix: str, scan: Scan, prefix: str) -> dict[str, str]:
+    """``{id: rel path}`` of ``<sub>/*<suffix>``; other files there are stray."""
+    out = {}
+    for e in _entries(folder / sub):
+        rel = f"{prefix}{sub}/{e.name}"
+        scan.stats.append(_stat_line(e, rel))
+        if e.is_file() and e.name.endswith(suffix):
+            out[e.name[: -len(suffix)]] = rel
+        else:
+            scan.findings.append(Finding("voc", rel, "stray-file", f"expected *{suffix}"))
+    return out
+
+
+def _voc_splits(folder: Path, prefix: str, scan: Scan) -> dict[str, list[str]]:
+    from . import voc
+
+    splits = {}
+    for split, required in VOC_SPLITS.items():
+        path = folder / "ImageSets" / "Main" / f"{split}.txt"
+        rel = f"{prefix}ImageSets/Main/{split}.txt"
+        if not path.is_file():
+            if required:
+                scan.findings.append(Finding("voc", rel, "split", "missing; `ablate transfer` needs it"))
+            continue
+        scan.stats.append(f"{rel} {path.stat().st_size} {path.stat().st_mtime_ns}")
+        try:
+            splits[split] = voc.split_ids(folder, split)
+        except UserError as e:
+            scan.findings.append(Finding("voc", rel, "split", str(e).split(": ", 1)[-1]))
+    return splits
+
+
+# -- the checks ---------------------------------------------------------------------------------------------------
+def check_images(dataset: str, root: Path, rels: list[str], check: Check) -> tuple[list[Finding], Counter]:
+    """Decode every image in parallel; (findings, count of PIL modes)."""
+    findings, modes = [], Counter()
+    tasks = [(dataset, str(root), chunk, check.min_side) for chunk in _chunks(rels)]
+    for results in _pool_map(_check_images_chunk, tasks, check.workers):
+        for found, mode, _ in results:
+            findings += found
+            modes[mode or "unusable"] += 1
+    return findings, modes
+
+
+def check_imagenet(scan: Scan, check: Check) -> tuple[list[Finding], dict[str, Any]]:
+    found, modes = check_images("imagenet", scan.root, scan.images, check)
+    classes = {rel.split("/")[1] for rel in scan.images if rel.startswith("train/")}
+    summary = {"root": str(scan.root), "images": len(scan.images), "train_classes": len(classes), "modes": dict(modes)}
+    return scan.findings + found, summary
+
+
+def scan_voc(voc_root: Path) -> VocScan:
+    """Folders, annotation and JPEG ids, and split files of a VOCdevkit (nothing parsed or decoded yet)."""
+    from . import voc
+
+    folder = voc.year_dir(voc_root)
+    prefix = "" if folder == voc_root else f"{folder.name}/"
+    scan = VocScan(voc_root, prefix=prefix)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        if not (folder / sub).is_dir():
+            scan.findings.append(Finding("voc", f"{prefix}{sub}", "missing-folder", f"expected {folder / sub}"))
+    if scan.findings:
+        return scan
+    scan.xmls = _voc_ids(folder, "Annotations", ".xml", scan, prefix)
+    scan.jpegs = _voc_ids(folder, "JPEGImages", ".jpg", scan, prefix)
+    scan.splits = _voc_splits(folder, prefix, scan)
+    return scan
+
+
+def check_voc(scan: VocScan, check: Check) -> tuple[list[Finding], dict[str, Any]]:
+    """Annotations (schema and boxes), split files against annotations and JPEGs, and every JPEG decoded."""
+    findings = list(scan.findings)
+    sizes: dict[str, tuple[int, int]] = {}
+    tasks = [(str(scan.root), chunk) for chunk in _chunks(sorted(scan.xmls.values()))]
+    for results in _pool_map(_check_xml_chunk, tasks, check.workers):
+        for rel, size, found in results:
+            findings += found
+            if size is not None:
+                sizes[Path(rel).stem] = size
+    prefix = scan.prefix
+    listed = {i for ids in scan.splits.values() for i in ids}
+    for split, ids in scan.splits.items():
+        findings += [Finding("voc", f"{prefix}Annotations/{i}.xml", "missing-annotation", f"listed in {split}.txt")
+                     for i in ids if i not in scan.xmls]
+        findings += [Finding("voc", f"{prefix}JPEGImages/{i}.jpg", "missing-jpeg", f"listed in {split}.txt")
+                     for i in ids if i not in scan.jpegs]
+    findings += [Finding("voc", rel, "unlisted") for i, rel in sorted(scan.xmls.items()) if i not in listed]
+    image_findings, modes = check_images("voc", scan.root, sorted(scan.jpegs.values()), check)
+    findings += image_findings + _size_mismatches(scan.root, scan.jpegs, sizes)
+    summary = {"root": str(scan.root), "annotations": len(scan.xmls), "images": len(scan.jpegs),
+               "modes": dict(modes), "splits": {s: len(ids) for s, ids in scan.splits.items()}}
+    return findings, summary
+
+
+def _size_mismatches(voc_root: Path, jpegs: dict[str, str], sizes: dict[str, tuple[int, int]]) -> list[Finding]:
+    from PIL import Image
+
+    out = []
+    for i, (w, h) in sorted(sizes.items()):
+        if i not in jpegs:
+            continue
+        try:
+            with Image.open(voc_root / jpegs[i]) as im:
+                actual = im.size
+        except (OSError, ValueError):
+            continue  # already an image finding
+        if actual != (w, h):
+            out.append(Finding("voc", jpegs[i], "size-mismatch", f"annotation {w}x{h}, JPEG {actual[0]}x{actual[1]}"))
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def _sorted(findings: Iterable[Finding]) -> list[Finding]:
+    return sorted(set(findings), key=lambda f: (f.severity != "error", f.dataset, f.problem, f.path))
+
+
+def report(findings: list[Finding], summaries: dict[str, Any]) -> dict[str, Any]:
+    findings = _sorted(findings)
+    counts = Counter(f.problem for f in findings)
+    return {
+        "usable": not any(f.severity == "error" for f in findings),
+        "datasets": summaries,
+        "counts": {p: {"n": n, "severity": PROBLEMS[p][0], "handling": PROBLEMS[p][1]} for p, n in counts.items()},
+        "findings": [dataclasses.asdict(f) | {"severity": f.severity} for f in findings],
+    }
+
+
+def format_summary(rep: dict[str, Any], max_show: int) -> str:
+    """The per-dataset totals, then one line per problem with its handling and its first paths."""
+    lines = []
+    for name, s in rep["datasets"].items():
+        extra = ", ".join(f"{k} {v}" for k, v in s.items() if k != "root")
+        lines.append(f"{name}: {s['root']} ({extra})")
+    by_problem: dict[str, list[str]] = {}
+    for f in rep["findings"]:
+        by_problem.setdefault(f["problem"], []).append(f["path"] + (f" ({f['detail']})" if f["detail"] else ""))
+    for problem, paths in by_problem.items():
+        c = rep["counts"][problem]
+        lines.append(f"{c['severity']:<7} {problem:<18} {c['n']:>7}  {c['handling']}")
+        lines += [f"          {p}" for p in paths[:max_show]]
+        if len(paths) > max_show:
+            lines.append(f"          ... {len(paths) - max_show} more in the report")
+    lines.append("usable: " + ("yes" if rep["usable"] else "no (errors above)"))
+    return "\n".join(lines)
+
+
+def error_message(rep: dict[str, Any], report_path: Path, max_show: int) -> str:
+    errors = [f for f in rep["findings"] if f["severity"] == "error"]
+    shown = "; ".join(f"{f['dataset']}:{f['path']} ({f['problem']})" for f in errors[:max_show])
+    more = f" and {len(errors) - max_show} more" if len(errors) > max_show else ""
+    return (f"data check found {len(errors)} error(s): {shown}{more}; full report: {report_path} "
+            "(the subset builder skips the unusable ImageNet images it lists)")
+
+
+# -- known bad files (read by the subset builder) ----------------------------------------------------------------
+def _bad_file(imagenet_root: Path, cache_dir: Path) -> Path:
+    key = hashlib.sha256(str(Path(imagenet_root).resolve()).encode()).hexdigest()[:24]
+    return Path(cache_dir) / "datacheck" / f"{key}.json"
+
+
+def _stat_of(path: Path) -> dict[str, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_known_bad(imagenet_root: Path, cache_dir: Path, findings: Iterable[Finding], report_path: Path) -> None:
+    root = Path(imagenet_root).resolve()
+    bad = {f.path: {"problem": f.problem, **(_stat_of(root / f.path) or {})}
+           for f in findings if f.dataset == "imagenet" and f.problem in BAD_IMAGE}
+    store.atomic_write_json(_bad_file(root, cache_dir), {"root": str(root), "report": str(report_path), "bad": bad})
+
+
+def known_bad(imagenet_root: Path | str, cache_dir: Path | str) -> set[str]:
+    """Paths (relative to the root) the last ``ablate data check`` of this root found unusable and that are
+    unchanged since (same size and mtime): a file replaced by a good copy is no longer skipped."""
+    root = Path(imagenet_root).resolve()
+    try:
+        record = json.loads(_bad_file(root, Path(cache_dir)).read_text())
+        bad = record["bad"] if record["root"] == str(root) else {}
+        return {rel for rel, meta in bad.items()
+                if _stat_of(root / rel) == {"size": meta["size"], "mtime_ns": meta["mtime_ns"]}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def without_known_bad(listing: Any, cache_dir: Path | str) -> Any:
+    """An ``imagenet.Listing`` minus :func:`known_bad`'s files. Its checksum changes only when files are dropped,
+    so a subset built from it gets its own stage folder and clean copies keep their hashes."""
+    bad = known_bad(listing.root, cache_dir)
+    if not bad:
+        return listing
+
+    def keep(files: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {w: [p for p in paths if p not in bad] for w, paths in files.items()}
+
+    train, val = keep(listing.train), keep(listing.val)
+    dropped = sorted(bad & {p for paths in [*listing.train.values(), *listing.val.values()] for p in paths})
+    if not dropped:
+        return listing
+    checksum = hashlib.sha256("\0".join([listing.checksum, *dropped]).encode()).hexdigest()
+    return dataclasses.replace(listing, train=train, val=val, checksum=checksum)
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+def _signature(scans: Iterable[Scan]) -> str:
+    h = hashlib.sha256()
+    for scan in scans:
+        h.update("\n".join(sorted(scan.stats)).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def check_all(scans: dict[str, Scan], check: Check) -> dict[str, Any]:
+    """The report of the scanned trees: every image decoded, every annotation parsed (the slow part)."""
+    findings: list[Finding] = []
+    summaries: dict[str, Any] = {}
+    if "imagenet" in scans:
+        found, summaries["imagenet"] = check_imagenet(scans["imagenet"], check)
+        findings += found
+    if "voc" in scans:
+        found, summaries["voc"] = check_voc(scans["voc"], check)
+        findings += found
+    return report(findings, summaries)
+
+
+def run(cfg: DictConfig) -> Path:
+    """``ablate data check``: check, print the summary, write the report; exit 1 (after writing) on errors."""
+    check = read_check(cfg)
+    roots = datasets.resolve(cfg, need_voc=check.what != "imagenet")
+    scans: dict[str, Scan] = {}
+    spec: dict[str, Any] = {"what": check.what, "min_side": check.min_side}
+    if check.what in ("imagenet", "both"):
+        root = roots.imagenet.resolve()
+        val_dir, val_labels = str(cfg.data.get("val_dir") or "val"), cfg.data.get("val_labels")
+        scans["imagenet"] = scan_imagenet(root, val_dir, flat_val=bool(val_labels))
+        spec |= {"imagenet": str(root), "val_dir": val_dir, "val_labels": val_labels}
+    if check.what in ("voc", "both"):
+        scans["voc"] = scan_voc(roots.voc.resolve())
+        spec["voc"] = str(roots.voc.resolve())
+    stage = store.Stage(cfg.paths.runs, "datacheck", f"{cfg.data.name}-{check.what}",
+                        spec | {"signature": _signature(scans.values())})
+    report_path = stage.path / "report.json"
+    if not stage.is_done():
+        with stage.lock():
+            if not stage.is_done():
+                stage.write_spec()
+                store.atomic_write_json(report_path, check_all(scans, check))
+                store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                stage.finish(["report.json", "config.yaml"])
+    rep = json.loads(report_path.read_text())
+    if "imagenet" in scans:
+        bad = [Finding(**{k: f[k] for k in ("dataset", "path", "problem", "detail")}) for f in rep["findings"]]
+        write_known_bad(roots.imagenet, Path(cfg.paths.cache), bad, report_path)
+    print(format_summary(rep, check.max_show))
+    if not rep["usable"]:
+        raise UserError(error_message(rep, report_path, check.max_show), exit_code=1)
+    return stage.path
