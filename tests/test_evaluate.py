@@ -304,3 +304,5 @@ def test_cli_evaluate_classification_and_errors(tmp_path, tiny_voc):
     assert bad.returncode == 2 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
     empty = run_ablate("evaluate", f"detections={d}", f"data.voc_root={tiny_voc}", timeout=120)  # no comp4 files
     assert empty.returncode == 2 and "comp4_det_test_<class>.txt" in empty.stderr
+    real = run_ablate("evaluate", "data=imagenet", f"detections={d}", timeout=120)
+    assert real.returncode == 2 and "data.voc_root is not set" in real.stderr

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("voc07", "area")
 IOU_THRESHOLD = 0.5
-CHUNK = 1 << 22  # detection x ground-truth pairs per block, bounds memory for crowded classes
+CHUNK = 1 << 20  # detections per block of (detection, object) pairs, bounds memory for crowded classes
 
 
 def matlab_colon(a: float, d: float, b: float) -> np.ndarray:
@@ -143,29 +143,31 @@ class _GroundTruth:
 
 def _best_overlap(det_boxes: np.ndarray, img: np.ndarray, gt_boxes: np.ndarray, start: np.ndarray,
                   count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each detection, the IoU with the best object of its image and that object's index (-inf, 0 if none)."""
+    """For each detection, the IoU with the best object of its image and that object's index (-inf, 0 if none).
+
+    Works on (detection, object of its image) pairs, so the cost follows the number of real candidates, and
+    detections on images without objects of the class cost nothing.
+    """
     n = len(det_boxes)
-    width = int(count[img].max()) if n else 0
-    if width == 0:
-        return np.full(n, -np.inf), np.zeros(n, np.int64)
-    slots = np.arange(width)
-    best_ov, best_j = np.empty(n), np.empty(n, np.int64)
-    step = max(1, CHUNK // width)
-    for lo in range(0, n, step):
-        b, im = det_boxes[lo:lo + step], img[lo:lo + step]
-        idx = start[im][:, None] + slots
-        valid = slots < count[im][:, None]
-        g = gt_boxes[np.where(valid, idx, 0)]
-        iw = np.minimum(b[:, None, 2], g[..., 2]) - np.maximum(b[:, None, 0], g[..., 0]) + 1
-        ih = np.minimum(b[:, None, 3], g[..., 3]) - np.maximum(b[:, None, 1], g[..., 1]) + 1
+    best_ov, best_j = np.full(n, -np.inf), np.zeros(n, np.int64)
+    has = np.flatnonzero(count[img] > 0)
+    for lo in range(0, len(has), CHUNK):  # bounds memory: at most CHUNK detections' pairs at once
+        d = has[lo:lo + CHUNK]
+        k = count[img[d]]
+        pair_det = np.repeat(np.arange(len(d)), k)
+        seg = np.concatenate(([0], np.cumsum(k)[:-1]))  # first pair of each detection
+        j = np.repeat(start[img[d]] - seg, k) + np.arange(len(pair_det))
+        b, g = det_boxes[d][pair_det], gt_boxes[j]
+        iw = np.minimum(b[:, 2], g[:, 2]) - np.maximum(b[:, 0], g[:, 0]) + 1
+        ih = np.minimum(b[:, 3], g[:, 3]) - np.maximum(b[:, 1], g[:, 1]) + 1
         inter = iw * ih
-        ua = ((b[:, None, 2] - b[:, None, 0] + 1) * (b[:, None, 3] - b[:, None, 1] + 1)
-              + (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1) - inter)
+        ua = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) + (g[:, 2] - g[:, 0] + 1) * (g[:, 3] - g[:, 1] + 1) - inter
         with np.errstate(divide="ignore", invalid="ignore"):
-            ov = np.where(valid & (iw > 0) & (ih > 0), inter / ua, -np.inf)
-        j = np.argmax(ov, axis=1)  # first maximum, as the devkit's strict ``ov > ovmax``
-        best_ov[lo:lo + step] = ov[np.arange(len(j)), j]
-        best_j[lo:lo + step] = idx[np.arange(len(j)), j]
+            ov = np.where((iw > 0) & (ih > 0), inter / ua, -np.inf)
+        top = np.maximum.reduceat(ov, seg)
+        # first pair reaching the maximum, as the devkit's strict ``ov > ovmax`` keeps the first object on ties
+        first = np.minimum.reduceat(np.where(ov == top[pair_det], np.arange(len(ov)), len(ov)), seg)
+        best_ov[d], best_j[d] = top, j[first]
     return best_ov, best_j
 
 
@@ -294,15 +296,17 @@ def _task_name(cfg: DictConfig) -> str:
 
 
 def _voc_root(cfg: DictConfig) -> Path:
-    """``data.voc_root`` when given (any data config), else the data config's own root (the demo's)."""
+    """``data.voc_root`` when given (any data config), else the demo's generated VOCdevkit."""
     from . import datasets
 
-    data = cfg.data
-    if not OmegaConf.is_missing(data, "voc_root") and data.get("voc_root") not in (None, ""):
-        root = Path(str(data.voc_root)).expanduser()
+    value = cfg.data.get("voc_root")  # None when unset or ???
+    if value not in (None, ""):
+        root = Path(str(value)).expanduser()
         if not root.is_dir():
-            raise UserError(f"data.voc_root={data.voc_root}: no such folder")
+            raise UserError(f"data.voc_root={value}: no such folder")
         return root
+    if cfg.data.get("demo") is None:
+        raise UserError("data.voc_root is not set: pass data.voc_root=<VOCdevkit folder holding VOC2007/>")
     return datasets.resolve(cfg, need_voc=True).voc
 
 
@@ -323,7 +327,7 @@ def run(cfg: DictConfig) -> Path:
     task, split, metric = _task_name(cfg), str(cfg.split), str(cfg.metric)
     if metric not in METRICS:
         raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
-    if OmegaConf.is_missing(cfg, "detections") or cfg.get("detections") in (None, ""):
+    if cfg.get("detections") in (None, ""):  # None also when left at ???
         raise UserError("detections is not set: pass detections=<folder holding the devkit results files>")
     folder = Path(str(cfg.detections)).expanduser()
     if not folder.is_dir():
