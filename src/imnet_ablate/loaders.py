@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +30,32 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import UserError
 
+try:  # libjpeg-turbo without torch's per-call overhead; optional (extra "fast")
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates torchvision.io decoding in favour of torchcodec; it is the fallback decoder here and
+# still present, so keep the per-image warning out of training logs.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 Key = tuple[int, int]  # (dataset index, augmentation seed)
 
 
 # -- decode and augment (shared by every backend) ---------------------------------------------------------------
 def decode(data: bytes) -> torch.Tensor:
-    """JPEG/PNG/... bytes -> uint8 RGB CHW. libjpeg-turbo via torchvision for JPEG, PIL for anything else
-    (PNGs named .JPEG and CMYK JPEGs both occur in ImageNet). Raises ValueError on undecodable bytes."""
+    """JPEG/PNG/... bytes -> uint8 RGB CHW. JPEG: libjpeg-turbo (simplejpeg if installed, else torchvision);
+    anything else, and JPEGs those refuse, through PIL (ImageNet has PNGs named .JPEG and CMYK JPEGs).
+    Raises ValueError on undecodable bytes."""
     if data[:3] == b"\xff\xd8\xff":
         try:
+            if simplejpeg is not None:
+                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1).contiguous()
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass  # CMYK / unusual JPEG: let PIL try
+        except (RuntimeError, ValueError):
+            pass  # CMYK / truncated / unusual JPEG: let PIL try
     try:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"))
