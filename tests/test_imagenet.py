@@ -25,12 +25,15 @@ def test_lists_images_sorted_and_ignores_other_files(tmp_path):
     root = make_tree(tmp_path / "inet")
     (root / "train" / WNIDS[0] / "notes.txt").touch()
     (root / "train" / WNIDS[0] / ".hidden.JPEG").touch()
+    (root / "train" / WNIDS[0] / "x.JPEG.txt").touch()
+    (root / "train" / WNIDS[0] / "upper.JPG").touch()
     (root / "train" / ".cache").mkdir()
     (root / "train" / "README").touch()
     listing = list_imagenet(root, tmp_path / "cache")
     assert list(listing.train) == WNIDS
-    assert listing.train[WNIDS[0]] == [f"train/{WNIDS[0]}/{WNIDS[0]}_{i}.JPEG" for i in range(3)]
-    assert listing.val[WNIDS[2]] == [f"val/{WNIDS[2]}/{WNIDS[2]}_0.JPEG"]
+    assert listing.train[WNIDS[0]].paths() == [f"train/{WNIDS[0]}/{WNIDS[0]}_{i}.JPEG" for i in range(3)] + \
+        [f"train/{WNIDS[0]}/upper.JPG"]
+    assert listing.val[WNIDS[2]].paths() == [f"val/{WNIDS[2]}/{WNIDS[2]}_0.JPEG"]
     assert listing.cache_file.parent == tmp_path / "cache" / "listings"
 
 
@@ -43,7 +46,7 @@ def test_cache_is_reused_and_invalidated_when_the_tree_changes(tmp_path):
     added.touch()
     os.utime(added.parent, ns=(1, 1))  # a different mtime even on file systems with coarse timestamps
     changed = list_imagenet(root, cache)
-    assert f"train/{WNIDS[1]}/new.JPEG" in changed.train[WNIDS[1]]
+    assert f"train/{WNIDS[1]}/new.JPEG" in changed.train[WNIDS[1]].paths()
     assert changed.checksum != first.checksum and changed.cache_file != first.cache_file
     (root / "train" / "n01491361").mkdir()
     assert "n01491361" in list_imagenet(root, cache).train
@@ -62,7 +65,8 @@ def test_listing_file_instead_of_a_scan(tmp_path):
     listing = tmp_path / "train.txt"
     listing.write_text(f"train/{WNIDS[0]}/a.JPEG\nelsewhere/b.JPEG\t{WNIDS[1]}\n\n# comment\n")
     out = list_imagenet(root, tmp_path / "cache", train_listing=str(listing))
-    assert out.train == {WNIDS[0]: [f"train/{WNIDS[0]}/a.JPEG"], WNIDS[1]: ["elsewhere/b.JPEG"]}
+    assert {w: f.paths() for w, f in out.train.items()} == {WNIDS[0]: [f"train/{WNIDS[0]}/a.JPEG"],
+                                                            WNIDS[1]: ["elsewhere/b.JPEG"]}
     listing.write_text("train/dogs/a.JPEG\n")
     with pytest.raises(UserError, match=r"data.train_listing=.*train.txt:1: .*expected"):
         list_imagenet(root, tmp_path / "cache", train_listing=str(listing))
@@ -77,7 +81,8 @@ def test_flat_val_with_label_file(tmp_path):
     labels.write_text(f"ImageId,PredictionString\nILSVRC2012_val_00000001,{WNIDS[0]} 1 2 3 4\n"
                       f"ILSVRC2012_val_00000002.JPEG,{WNIDS[2]} 1 2 3 4\n")
     out = list_imagenet(root, tmp_path / "cache", val_labels=str(labels))
-    assert out.val == {WNIDS[0]: ["val/ILSVRC2012_val_00000001.JPEG"], WNIDS[2]: ["val/ILSVRC2012_val_00000002.JPEG"]}
+    assert {w: f.paths() for w, f in out.val.items()} == {WNIDS[0]: ["val/ILSVRC2012_val_00000001.JPEG"],
+                                                          WNIDS[2]: ["val/ILSVRC2012_val_00000002.JPEG"]}
     with pytest.raises(UserError, match="data.val_labels: .* holds images but no <wnid>/ folders"):
         list_imagenet(root, tmp_path / "cache2")
     labels.write_text(f"ILSVRC2012_val_00000009 {WNIDS[0]}\n")
@@ -104,6 +109,13 @@ def test_folders_that_are_not_wnids_are_named(tmp_path):
     with pytest.raises(UserError, match="folders that are not wnids: cats, dogs; expected"):
         list_imagenet(root, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_file_name_with_a_tab_is_refused(tmp_path):
+    root = make_tree(tmp_path / "inet")
+    (root / "train" / WNIDS[0] / "a\tb.JPEG").touch()
+    with pytest.raises(UserError, match="file name contains a tab or newline"):
+        list_imagenet(root, tmp_path / "cache")
 
 
 def test_unreadable_listing_file_is_named(tmp_path):

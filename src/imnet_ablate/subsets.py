@@ -35,10 +35,11 @@ def rank(seed: int, item: str) -> bytes:
     return hashlib.sha1(f"{seed}:{item}".encode()).digest()
 
 
-def sample(paths: Sequence[str], n: int | None, seed: int) -> list[str]:
+def sample(files: imagenet.Files, n: int | None, seed: int) -> list[str]:
     """The ``n`` paths of a class ranked first by their seeded hash (all of them if it has ``n`` or fewer), sorted."""
+    paths = files.paths()
     if n is None or n >= len(paths):
-        return list(paths)
+        return paths
     return sorted(sorted(paths, key=lambda p: rank(seed, p))[:n])
 
 
@@ -240,7 +241,7 @@ def _write_subset(stage: store.Stage, cfg: DictConfig, spec: Mapping[str, Any], 
     for c in sel.classes:
         lab = label[sel.grouping[c]]
         train_rows += [f"{p}\t{lab}\t{c}\n" for p in per_class[c]]
-        val_rows += [f"{p}\t{lab}\t{c}\n" for p in listing.val.get(c, ())]
+        val_rows += [f"{p}\t{lab}\t{c}\n" for p in listing.val[c].paths()] if c in listing.val else []
     for merged, members in groups.items():
         n_images = sum(len(per_class[c]) for c in members)
         per_label.append(n_images)
