@@ -7,8 +7,6 @@ The last line a command prints on stdout is ``run_dir: <path>`` of the folder it
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -90,11 +88,6 @@ def resolve_target(target: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("ABLATE_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -109,7 +102,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"ablate: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    setup_logging()
     run_hydra(name, cmd, rest)
 
 
