@@ -15,6 +15,8 @@ place, with ``manifest.json`` written last, so a folder that exists is complete.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -119,6 +121,7 @@ def pascal_members(hierarchy: wordnet.Hierarchy) -> dict[str, list[str]]:
     return members
 
 
+@functools.cache
 def node_latent(seed: int, wnid: str) -> np.ndarray:
     """The random trait vector one synset contributes, fixed by (seed, wnid)."""
     return np.random.default_rng([seed, 0, int(wnid[1:])]).standard_normal(N_TRAITS)
@@ -161,6 +164,13 @@ def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v[..., None] - (v * s)[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
+def texture_mix(z: np.ndarray) -> np.ndarray:
+    """(N, 4) latents -> blend weights of the four textures; small weights are dropped (so never drawn)."""
+    w = np.exp(3 * (z - z.max(axis=1, keepdims=True)))
+    w = np.where(w < 0.1, 0.0, w)
+    return w / w.sum(axis=1, keepdims=True)
+
+
 def decode(z: np.ndarray) -> dict[str, np.ndarray]:
     """(N, N_TRAITS) latents -> named drawing parameters, each (N,) or (N, 3) / (N, 4)."""
     u = _unit(z)
@@ -172,7 +182,7 @@ def decode(z: np.ndarray) -> dict[str, np.ndarray]:
         "aspect": 0.45 + 0.55 * u[:, 6],
         "pnorm": 6.0 ** u[:, 7],
         "rot0": np.pi * u[:, 8],
-        "tex_kind": np.exp(3 * z[:, 9:13]) / np.exp(3 * z[:, 9:13]).sum(axis=1, keepdims=True),
+        "tex_kind": texture_mix(z[:, 9:13]),
         "tex_freq": 0.7 + 2.3 * u[:, 13],
         "tex_orient": np.pi * u[:, 14],
         "tex_strength": 0.25 + 0.6 * u[:, 15],
@@ -215,8 +225,13 @@ def _col(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)[:, None, None]
 
 
+def _rgb(x: np.ndarray) -> np.ndarray:
+    """(N, 3) -> (N, 3, 1, 1): canvases are channel-first, as numpy is slow on a trailing axis of 3."""
+    return np.asarray(x, dtype=np.float32)[:, :, None, None]
+
+
 def render(look: dict[str, np.ndarray], where: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """N instances on N ``size`` x ``size`` canvases -> colour (N, S, S, 3) and coverage alpha (N, S, S)."""
+    """N instances on N ``size`` x ``size`` canvases -> colour (N, 3, S, S) and coverage alpha (N, S, S)."""
     grid = np.arange(size, dtype=np.float32) + 0.5
     radius = _col(where["radius"])
     dx = (grid[None, None, :] - _col(where["cx"])) / radius
@@ -234,7 +249,7 @@ def render(look: dict[str, np.ndarray], where: dict[str, np.ndarray], size: int)
 
     parts = np.zeros_like(body)
     count = np.maximum(look["parts"], 1)
-    for j in range(3):
+    for j in range(int(look["parts"].max())):
         angle = look["part_angle"] + 2 * np.pi * j / count
         px, py = _col(look["part_radius"] * np.cos(angle)), _col(look["part_radius"] * np.sin(angle))
         dist = np.sqrt((x - px) ** 2 + (y - py) ** 2)
@@ -243,24 +258,23 @@ def render(look: dict[str, np.ndarray], where: dict[str, np.ndarray], size: int)
 
     freq, phase = _col(2 * np.pi * look["tex_freq"]), _col(where["phase"])
     o_cos, o_sin = _col(np.cos(look["tex_orient"])), _col(np.sin(look["tex_orient"]))
-    patterns = (np.sin(freq * (o_cos * x + o_sin * y) + phase),  # stripes
-                np.tanh(3 * np.sin(freq * x + phase) * np.sin(freq * y)),  # checks
-                np.sin(freq * rho + phase),  # rings
-                np.tanh(4 * (np.cos(freq * x) * np.cos(freq * y) - 0.3)))  # spots
+    patterns = (lambda: np.sin(freq * (o_cos * x + o_sin * y) + phase),  # stripes
+                lambda: np.tanh(3 * np.sin(freq * x + phase) * np.sin(freq * y)),  # checks
+                lambda: np.sin(freq * rho + phase),  # rings
+                lambda: np.tanh(4 * (np.cos(freq * x) * np.cos(freq * y) - 0.3)))  # spots
     kind = look["tex_kind"].astype(np.float32)
-    pattern = sum(_col(kind[:, k]) * patterns[k] for k in range(4))
-    mix = (_col(look["tex_strength"]) * 0.5 * (pattern + 1))[..., None]
+    pattern = sum(_col(kind[:, k]) * draw() for k, draw in enumerate(patterns) if kind[:, k].any())
+    mix = (_col(look["tex_strength"]) * 0.5 * (pattern + 1))[:, None]
     light = where["light"]
-    shade = (1 + _col(light[:, 0]) * x + _col(light[:, 1]) * y)[..., None]
-    c1, c2, c3 = (look[k].astype(np.float32)[:, None, None, :] for k in ("colour1", "colour2", "colour3"))
-    colour = ((1 - mix) * c1 + mix * c2) * shade
-    colour = colour * (1 - parts[..., None]) + c3 * parts[..., None]
-    colour = colour * where["gain"].astype(np.float32)[:, None, None, :]
+    shade = (1 + _col(light[:, 0]) * x + _col(light[:, 1]) * y)[:, None]
+    c1, c2, c3 = (_rgb(look[k]) for k in ("colour1", "colour2", "colour3"))
+    colour = (c1 + mix * (c2 - c1)) * shade
+    colour = (colour + parts[:, None] * (c3 - colour)) * _rgb(where["gain"])
     return colour, np.maximum(body, parts)
 
 
 def background(grids: np.ndarray, size: int) -> np.ndarray:
-    """(N, BG_GRID, BG_GRID, 3) latents -> smooth (N, S, S, 3) colour fields around a per-image base colour."""
+    """(N, BG_GRID, BG_GRID, 3) latents -> smooth (N, 3, S, S) colour fields around a per-image base colour."""
     base = 0.25 + 0.5 * _unit(grids.mean(axis=(1, 2)) * 2.0)
     cells = np.clip(base[:, None, None, :] + 0.18 * grids, 0.0, 1.0).astype(np.float32)
     pos = np.linspace(0, BG_GRID - 1, size)
@@ -268,17 +282,18 @@ def background(grids: np.ndarray, size: int) -> np.ndarray:
     interp = np.zeros((size, BG_GRID), dtype=np.float32)
     interp[np.arange(size), lo] = 1 - (pos - lo)
     interp[np.arange(size), lo + 1] = pos - lo
-    return (interp @ cells.transpose(0, 3, 1, 2) @ interp.T).transpose(0, 2, 3, 1)
+    return interp @ cells.transpose(0, 3, 1, 2) @ interp.T
 
 
 def over(canvas: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Alpha-composite one layer over a canvas (same leading shape)."""
-    a = alpha[..., None]
-    return canvas * (1 - a) + colour * a
+    """Alpha-composite a (..., 3, S, S) layer with (..., S, S) coverage over a canvas."""
+    return canvas + alpha[..., None, :, :] * (colour - canvas)
 
 
 def to_uint8(canvas: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    return (np.clip(canvas + 0.04 * noise, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    """(..., 3, S, S) floats plus pixel noise -> (..., S, S, 3) uint8 for JPEG encoding."""
+    pixels = (np.clip(canvas + 0.04 * noise, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(pixels, -3, -1))
 
 
 def save_jpeg(pixels: np.ndarray, path: Path) -> None:
@@ -288,51 +303,64 @@ def save_jpeg(pixels: np.ndarray, path: Path) -> None:
 # -- the ImageNet-like tree ------------------------------------------------------------------------------------------
 SPLIT_CODE = {"train": 1, "val": 2}
 N_DISTRACTORS = 2
+RENDER_BATCH = 256  # images rendered together: amortises numpy's per-call overhead, bounds memory
 
 
-def class_images(seed: int, wnid: str, split: str, count: int, size: int, look: dict[str, np.ndarray]
-                 ) -> np.ndarray:
-    """(count, S, S, 3) uint8 images of one class: an instance with pose/colour jitter over clutter and noise."""
-    rngs = [np.random.default_rng([seed, SPLIT_CODE[split], int(wnid[1:]), i]) for i in range(count)]
+class Shot(NamedTuple):
+    """One ImageNet-like image: its class, split and index within the class's split."""
+    wnid: str
+    class_index: int
+    split: str
+    index: int
+
+
+def class_shots(params: DemoParams, class_indices: Sequence[int]) -> list[Shot]:
+    classes = wordnet.load().classes
+    return [Shot(classes[ci], ci, split, i) for ci in class_indices
+            for split, count in (("train", params.train_per_class), ("val", params.val_per_class))
+            for i in range(count)]
+
+
+def shot_images(seed: int, shots: Sequence[Shot], size: int, latents: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(N, S, S, 3) uint8: each shot's class instance with pose/colour jitter over clutter and noise."""
+    rngs = [np.random.default_rng([seed, SPLIT_CODE[s.split], int(s.wnid[1:]), s.index]) for s in shots]
     u = np.stack([r.random(N_POSE) for r in rngs])
     grids = np.stack([r.standard_normal((BG_GRID, BG_GRID, 3)) for r in rngs])
     clutter_z = np.stack([r.standard_normal((N_DISTRACTORS, N_TRAITS)) for r in rngs]).reshape(-1, N_TRAITS)
     clutter_u = np.stack([r.random((N_DISTRACTORS, N_POSE)) for r in rngs]).reshape(-1, N_POSE)
-    noise = np.stack([r.standard_normal((size, size, 3), dtype=np.float32) for r in rngs])
+    noise = np.stack([r.standard_normal((3, size, size), dtype=np.float32) for r in rngs])
 
-    clutter_look = plain(decode(clutter_z))
-    clutter_colour, clutter_alpha = render(clutter_look, pose(clutter_u, size, (0.12, 0.3), 1.0,
-                                                              2 * np.pi * clutter_u[:, 3], 0.0), size)
+    clutter_colour, clutter_alpha = render(plain(decode(clutter_z)), pose(clutter_u, size, (0.12, 0.3), 1.0,
+                                                                          2 * np.pi * clutter_u[:, 3], 0.0), size)
     canvas = background(grids, size)
     for k in range(N_DISTRACTORS):
         canvas = over(canvas, clutter_colour[k::N_DISTRACTORS], clutter_alpha[k::N_DISTRACTORS])
-    looks = {key: np.repeat(value[None], count, axis=0) for key, value in look.items()}
-    colour, alpha = render(looks, pose(u, size, (0.28, 0.42), 0.2, looks["rot0"], 0.7), size)
+    look = decode(np.stack([latents[s.wnid] for s in shots]))
+    colour, alpha = render(look, pose(u, size, (0.28, 0.42), 0.2, look["rot0"], 0.7), size)
     return to_uint8(over(canvas, colour, alpha), noise)
 
 
-def image_name(wnid: str, split: str, index: int, class_index: int, per_class: int) -> str:
-    """ImageNet-style file names: ``n01440764_1.JPEG`` (train), ``ILSVRC2012_val_00000001.JPEG`` (val)."""
-    if split == "train":
-        return f"{wnid}_{index + 1}.JPEG"
-    return f"ILSVRC2012_val_{class_index * per_class + index + 1:08d}.JPEG"
+def shot_path(shot: Shot, per_class: int) -> Path:
+    """ImageNet-style names: ``train/n01440764/n01440764_1.JPEG``, ``val/<wnid>/ILSVRC2012_val_00000001.JPEG``."""
+    if shot.split == "train":
+        return Path("train", shot.wnid, f"{shot.wnid}_{shot.index + 1}.JPEG")
+    number = shot.class_index * per_class + shot.index + 1
+    return Path("val", shot.wnid, f"ILSVRC2012_val_{number:08d}.JPEG")
 
 
 def write_classes(out: Path, params: DemoParams, class_indices: Sequence[int]) -> int:
     """Worker unit: every train and val image of some classes. Returns the number of images written."""
     hierarchy = wordnet.load()
-    written = 0
-    for ci in class_indices:
-        wnid = hierarchy.classes[ci]
-        look = {k: v[0] for k, v in decode(class_latent(params.seed, hierarchy.chain(wnid))[None]).items()}
-        for split, per_class in (("train", params.train_per_class), ("val", params.val_per_class)):
-            folder = out / "imagenet" / split / wnid
-            folder.mkdir(parents=True, exist_ok=True)
-            images = class_images(params.seed, wnid, split, per_class, params.image_size, look)
-            for i, pixels in enumerate(images):
-                save_jpeg(pixels, folder / image_name(wnid, split, i, ci, per_class))
-            written += per_class
-    return written
+    wnids = [hierarchy.classes[ci] for ci in class_indices]
+    latents = {w: class_latent(params.seed, hierarchy.chain(w)) for w in wnids}
+    for split, w in itertools.product(SPLIT_CODE, wnids):
+        (out / "imagenet" / split / w).mkdir(parents=True, exist_ok=True)
+    shots = class_shots(params, class_indices)
+    for batch in chunks(shots, RENDER_BATCH):
+        for shot, pixels in zip(batch, shot_images(params.seed, batch, params.image_size, latents)):
+            per_class = params.train_per_class if shot.split == "train" else params.val_per_class
+            save_jpeg(pixels, out / "imagenet" / shot_path(shot, per_class))
+    return len(shots)
 
 
 # -- the VOC-like devkit ------------------------------------------------------------------------------------------------
@@ -366,7 +394,7 @@ def scene_plan(seed: int, index: int, size: int, members: dict[str, list[str]]) 
     return {"classes": classes, "wnids": wnids, "u": u,
             "clutter_z": rng.standard_normal((n_clutter, N_TRAITS)), "clutter_u": rng.random((n_clutter, N_POSE)),
             "grid": rng.standard_normal((BG_GRID, BG_GRID, 3)),
-            "noise": rng.standard_normal((size, size, 3), dtype=np.float32)}
+            "noise": rng.standard_normal((3, size, size), dtype=np.float32)}
 
 
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -395,24 +423,30 @@ def annotate(masks: np.ndarray, names: Sequence[str], flips: np.ndarray) -> list
     return objects
 
 
-def scene_image(plan: dict[str, Any], size: int, looks: dict[str, dict[str, np.ndarray]]
-                ) -> tuple[np.ndarray, list[VocObject]]:
-    """One scene: background, clutter, then the objects in random overlapping order; pixels and annotations."""
-    look = {k: np.stack([looks[w][k] for w in plan["wnids"]]) for k in next(iter(looks.values()))}
-    where = pose(plan["u"], size, (0.07, 0.32), 1.0, look["rot0"], 0.7)
+def scene_images(plans: Sequence[dict[str, Any]], size: int, latents: Mapping[str, np.ndarray]
+                 ) -> list[tuple[np.ndarray, list[VocObject]]]:
+    """Scenes rendered together: background, clutter, then each scene's objects in random overlapping order."""
+    look = decode(np.stack([latents[w] for plan in plans for w in plan["wnids"]]))
+    where = pose(np.concatenate([plan["u"] for plan in plans]), size, (0.07, 0.32), 1.0, look["rot0"], 0.7)
     colour, alpha = render(look, where, size)
-    cu = plan["clutter_u"]
-    clutter_colour, clutter_alpha = render(plain(decode(plan["clutter_z"])),
-                                           pose(cu, size, (0.06, 0.25), 1.0, 2 * np.pi * cu[:, 3], 0.0), size)
-    canvas = background(plan["grid"][None], size)[0]
-    for k in range(len(cu)):
-        canvas = over(canvas, clutter_colour[k], clutter_alpha[k])
-    masks = alpha > 0.5
-    keep = masks.any(axis=(1, 2))  # an instance too thin to cover a pixel is neither drawn nor annotated
-    for j in np.flatnonzero(keep):
-        canvas = over(canvas, colour[j], alpha[j])
-    objects = annotate(masks[keep], [c for c, k in zip(plan["classes"], keep) if k], where["flip"][keep])
-    return to_uint8(canvas, plan["noise"]), objects
+    cu = np.concatenate([plan["clutter_u"] for plan in plans])
+    clutter = render(plain(decode(np.concatenate([plan["clutter_z"] for plan in plans]))),
+                     pose(cu, size, (0.06, 0.25), 1.0, 2 * np.pi * cu[:, 3], 0.0), size)
+    canvases = background(np.stack([plan["grid"] for plan in plans]), size)
+    first_object = np.cumsum([0] + [len(plan["wnids"]) for plan in plans])
+    first_clutter = np.cumsum([0] + [len(plan["clutter_u"]) for plan in plans])
+    out = []
+    for s, plan in enumerate(plans):
+        canvas = canvases[s]
+        for k in range(first_clutter[s], first_clutter[s + 1]):
+            canvas = over(canvas, clutter[0][k], clutter[1][k])
+        mine = np.arange(first_object[s], first_object[s + 1])
+        mine = mine[(alpha[mine] > 0.5).any(axis=(1, 2))]  # too thin to cover a pixel: neither drawn nor annotated
+        for j in mine:
+            canvas = over(canvas, colour[j], alpha[j])
+        names = [plan["classes"][j - first_object[s]] for j in mine]
+        out.append((to_uint8(canvas, plan["noise"]), annotate(alpha[mine] > 0.5, names, where["flip"][mine])))
+    return out
 
 
 def annotation_xml(image_id: str, size: int, objects: Sequence[VocObject]) -> str:
@@ -441,13 +475,10 @@ def write_scenes(out: Path, params: DemoParams, indices: Sequence[int]) -> dict[
     members = pascal_members(hierarchy)
     size = params.voc_image_size
     plans = [scene_plan(params.seed, i, size, members) for i in indices]
-    wnids = sorted({w for plan in plans for w in plan["wnids"]})
-    latents = np.stack([class_latent(params.seed, full_chain(hierarchy, w)) for w in wnids])
-    looks = {w: {k: v[j] for k, v in decode(latents).items()} for j, w in enumerate(wnids)}
+    latents = {w: class_latent(params.seed, full_chain(hierarchy, w)) for plan in plans for w in plan["wnids"]}
     root = out / "VOCdevkit" / "VOC2007"
     result = {}
-    for i, plan in zip(indices, plans):
-        pixels, objects = scene_image(plan, size, looks)
+    for i, (pixels, objects) in zip(indices, scene_images(plans, size, latents)):
         save_jpeg(pixels, root / "JPEGImages" / f"{image_id(i)}.jpg")
         (root / "Annotations" / f"{image_id(i)}.xml").write_text(annotation_xml(image_id(i), size, objects))
         result[image_id(i)] = objects
@@ -492,7 +523,7 @@ def folder_for(params: Mapping[str, Any], cache_dir: Path) -> Path:
     return Path(cache_dir) / "demo" / spec_hash(folder_spec(parse_params(params)))
 
 
-def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
