@@ -68,7 +68,7 @@ def test_bad_grouping(h, spec, words):
 
 
 def excluded_by(h, preset):
-    return wordnet.excluded(h, (w for ws in wordnet.exclude_synsets(h, preset).values() for w in ws))
+    return wordnet.excluded(h, (w for ws in wordnet.exclude_synsets(preset).values() for w in ws))
 
 
 def test_pascal_removes_exactly_the_authors_229(h, reference):
@@ -101,14 +101,14 @@ def test_exclusion_follows_all_hypernym_paths(h):
 
 
 def test_exclude_forms(h):
-    assert wordnet.exclude_synsets(h, ["n02084071"]) == {"n02084071": ["n02084071"]}
-    assert wordnet.exclude_synsets(h, {"dog": "n02084071", "cat": ["n02121620"]}) == \
+    assert wordnet.exclude_synsets(["n02084071"]) == {"n02084071": ["n02084071"]}
+    assert wordnet.exclude_synsets({"dog": "n02084071", "cat": ["n02121620"]}) == \
         {"dog": ["n02084071"], "cat": ["n02121620"]}
     assert len(excluded_by(h, ["n02084071"])) == 118  # the paper's dog classes (first-parent dog subtree)
     with pytest.raises(UserError, match="subset.exclude=coco: unknown preset"):
-        wordnet.exclude_synsets(h, "coco")
+        wordnet.exclude_synsets("coco")
     with pytest.raises(UserError, match="subset.exclude: dog not synset wnids"):
-        wordnet.exclude_synsets(h, ["dog"])
+        wordnet.exclude_synsets(["dog"])
 
 
 def test_halves(h):

@@ -127,9 +127,9 @@ def select(h: wordnet.Hierarchy, spec: Mapping[str, Any], counts: Mapping[str, i
         kind, part = spec["half"].split("-")
         a, b = wordnet.halves(h, kind, lambda c: rank(seed, c))
         pool = a if part == "a" else b
-    excluded = sorted(wordnet.excluded(h, (w for ws in wordnet.exclude_synsets(h, spec["exclude"]).values()
-                                           for w in ws)) & set(pool))
-    pool = [c for c in pool if c not in set(excluded)]
+    synsets = [w for ws in wordnet.exclude_synsets(spec["exclude"]).values() for w in ws]
+    excluded = wordnet.excluded(h, synsets) & set(pool)
+    pool = [c for c in pool if c not in excluded]
     known, available = set(h.classes), set(pool)
 
     n = spec["images_per_class"]
@@ -143,7 +143,8 @@ def select(h: wordnet.Hierarchy, spec: Mapping[str, Any], counts: Mapping[str, i
         if removed:
             raise UserError(f"subset.classes: {_fmt(removed)} removed by subset.half/exclude; expected classes "
                             "that are still in the subset")
-        pool = [c for c in pool if c in set(classes)]
+        wanted = set(classes)
+        pool = [c for c in pool if c in wanted]
     elif isinstance(classes, int):
         if classes > len(pool):
             raise UserError(f"subset.classes={classes}: only {len(pool)} classes available after half/exclude; "
@@ -166,7 +167,7 @@ def select(h: wordnet.Hierarchy, spec: Mapping[str, Any], counts: Mapping[str, i
         pool = _first_ranked(eligible, k, seed)
 
     grouping = wordnet.parse_grouping(h, spec["grouping"])
-    selection = Selection(pool, {c: grouping[c] for c in pool}, excluded, n)
+    selection = Selection(pool, {c: grouping[c] for c in pool}, sorted(excluded), n)
     expected = spec["num_classes"]
     if expected is not None and len(selection.groups()) != expected:
         raise UserError(f"subset.num_classes={expected}: the spec gives {len(selection.groups())} classes; expected "

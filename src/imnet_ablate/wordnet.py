@@ -172,7 +172,7 @@ def excluded(h: Hierarchy, synsets: Iterable[str]) -> set[str]:
     return {c for c in h.classes if ancestors(h, c) & synsets}
 
 
-def exclude_synsets(h: Hierarchy, spec: object) -> dict[str, list[str]]:
+def exclude_synsets(spec: object) -> dict[str, list[str]]:
     """``subset.exclude`` (a preset name, a list of wnids, or {target class: wnid or [wnids]}) -> {target: [wnids]}.
 
     Synsets need not be in the packaged file's ancestors (a synset above no class excludes nothing), but they must
@@ -183,7 +183,7 @@ def exclude_synsets(h: Hierarchy, spec: object) -> dict[str, list[str]]:
     if isinstance(spec, str):
         if spec not in EXCLUDE_PRESETS:
             raise UserError(f"subset.exclude={spec}: unknown preset; expected one of {', '.join(EXCLUDE_PRESETS)}, "
-                            "a list of synset wnids, or {{name: wnid}}")
+                            "a list of synset wnids, or {name: wnid}")
         return {k: [v] for k, v in EXCLUDE_PRESETS[spec].items()}
     if isinstance(spec, Mapping):
         out = {str(k): [v] if isinstance(v, str) else list(v) for k, v in spec.items()}
