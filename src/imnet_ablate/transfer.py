@@ -140,17 +140,10 @@ def load_resized(voc_root: Path, images: Sequence[voc.VocImage], size: int, work
 
 
 def cls_targets(images: Sequence[voc.VocImage]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets, weights) N x 20: 1 if a non-difficult object of the class is present; weight 0 where the only
-    objects of the class are difficult (the devkit's 'difficult' label, left out of the loss as it is of AP)."""
-    n = len(voc.CLASSES)
-    targets, weights = torch.zeros(len(images), n), torch.ones(len(images), n)
-    for i, img in enumerate(images):
-        for label, difficult in zip(img.labels.tolist(), img.difficult.tolist()):
-            targets[i, label] = max(targets[i, label].item(), 0.0 if difficult else 1.0)
-        present = torch.zeros(n, dtype=torch.bool)
-        present[img.labels.tolist()] = True
-        weights[i, present & (targets[i] == 0)] = 0.0
-    return targets, weights
+    """(targets, weights) N x 20 from the evaluator's ground truth: an image whose objects of a class are all
+    difficult gets weight 0 for that class, left out of the loss as the devkit leaves it out of AP."""
+    gt = torch.from_numpy(evaluate.cls_ground_truth(images))
+    return (gt == 1).float(), (gt != 0).float()
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -232,9 +225,9 @@ def train_linear(feats: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     return clf
 
 
-def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
-    return (train - mean) / std, (test - mean) / std
+def feature_stats(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the training features: standardising makes one L2 penalty fit fc7 and conv5."""
+    return train.mean(0), train.std(0).clamp(min=1e-6)
 
 
 def linear_probe(stage: Stage, model: models.AlexNetLike, x_train: torch.Tensor, x_test: torch.Tensor,
@@ -250,12 +243,12 @@ def linear_probe(stage: Stage, model: models.AlexNetLike, x_train: torch.Tensor,
             feats[split] = extract_features(model, x, task.feature, device)
             with atomic_path(path) as tmp:
                 torch.save(feats[split], tmp)
-    train, test = standardise(feats["trainval"], feats["test"])
-    clf = train_linear(train, targets, weights, task.linear)
+    mean, std = feature_stats(feats["trainval"])
+    clf = train_linear((feats["trainval"] - mean) / std, targets, weights, task.linear)
     with atomic_path(stage.path / "checkpoint.pt") as tmp:
-        torch.save({"linear": clf.state_dict(), "iteration": task.linear.iterations}, tmp)
+        torch.save({"linear": clf.state_dict(), "mean": mean, "std": std, "iteration": task.linear.iterations}, tmp)
     with torch.no_grad():
-        return clf(test)
+        return clf((feats["test"] - mean) / std)
 
 
 def finetune(stage: Stage, model: models.AlexNetLike, x_train: torch.Tensor, x_test: torch.Tensor,
