@@ -104,6 +104,10 @@ def mean_ap(ap: Mapping[str, float]) -> float:
 
 
 # -- detection ----------------------------------------------------------------------------------------------------
+def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
 class _GroundTruth:
     """All objects of a split, grouped by class and image, so each detection finds its candidates by slicing."""
 
@@ -113,10 +117,9 @@ class _GroundTruth:
         self.sorted_ids = self.ids[self.order]
         n_obj = [len(im.labels) for im in images]
         self.image = np.repeat(np.arange(len(images)), n_obj)
-        cat = (lambda f, shape: np.concatenate([f(im) for im in images]) if images else np.zeros(shape))
-        self.boxes = cat(lambda im: im.boxes, (0, 4)).astype(np.float64).reshape(-1, 4)
-        self.labels = cat(lambda im: im.labels, 0).astype(np.int64)
-        self.difficult = cat(lambda im: im.difficult, 0).astype(bool)
+        self.boxes = _concat([im.boxes for im in images], np.float64).reshape(-1, 4)
+        self.labels = _concat([im.labels for im in images], np.int64)
+        self.difficult = _concat([im.difficult for im in images], bool)
         self.n_images = len(images)
 
     def image_index(self, ids: np.ndarray, what: str) -> np.ndarray:
@@ -189,7 +192,10 @@ def det_outcomes(dets: ClassDets, img: np.ndarray, gt_boxes: np.ndarray, gt_diff
 
 def voc_det_ap(images: Sequence[VocImage], dets_by_class: Mapping[str, ClassDets], metric: str = "voc07"
                ) -> dict[str, float]:
-    """Per-class detection AP at IoU 0.5 (devkit rule); classes without detections score 0, without positives NaN."""
+    """Per-class detection AP at IoU 0.5 (devkit rule): NaN for a class without positives, else 0 without detections.
+
+    ``dets_by_class`` maps class names to detections in file order; missing classes have none.
+    """
     gt = _GroundTruth(images)
     out = {}
     for c, cls in enumerate(CLASSES):
@@ -347,6 +353,7 @@ def run(cfg: DictConfig) -> Path:
     if task == "voc-det":
         ap = voc_det_ap(images, results, metric)
         if cfg.get("coco", True):
+            log.info("COCO-style AP through pycocotools (about a minute per million detections; coco=false skips it)")
             record["coco"] = {k: _json_number(v) for k, v in coco_det_ap(images, results).items()}
     else:
         ap = voc_cls_ap(images, cls_score_matrix(images, results), metric)
