@@ -302,7 +302,27 @@ def test_cli_evaluate_classification_and_errors(tmp_path, tiny_voc):
     assert "coco" not in out and out["n_detections"] == 2
     bad = run_ablate("evaluate", f"detections={tmp_path / 'none'}", f"data.voc_root={tiny_voc}", timeout=120)
     assert bad.returncode == 2 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
-    empty = run_ablate("evaluate", f"detections={d}", f"data.voc_root={tiny_voc}", timeout=120)  # no comp4 files
-    assert empty.returncode == 2 and "comp4_det_test_<class>.txt" in empty.stderr
-    real = run_ablate("evaluate", "data=imagenet", f"detections={d}", timeout=120)
-    assert real.returncode == 2 and "data.voc_root is not set" in real.stderr
+
+
+def compose_evaluate(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from imnet_ablate.cli import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return compose(config_name="evaluate", overrides=list(overrides))
+
+
+def test_evaluate_config_errors(tmp_path, tiny_voc):
+    d = tmp_path / "cls"
+    voc.write_cls_results(d, "test", {"dog": voc.ClassScores(np.array(["000001"]), np.array([0.5]))})
+    with pytest.raises(UserError, match=r"comp4_det_test_<class>\.txt"):  # only comp2 files there
+        ev.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}"))
+    with pytest.raises(UserError, match="data.voc_root is not set"):
+        ev.run(compose_evaluate("data=imagenet", f"detections={d}"))
+    with pytest.raises(UserError, match="detections is not set"):
+        ev.run(compose_evaluate(f"data.voc_root={tiny_voc}"))
+    with pytest.raises(UserError, match="metric=map: unknown"):
+        ev.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "metric=map"))
+    with pytest.raises(UserError, match="cannot read the 'val' split"):  # a task variant passes, the split not
+        ev.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "task=voc-cls-demo", "split=val"))
