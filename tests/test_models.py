@@ -1,0 +1,81 @@
+"""Model shapes and named parts (what transfer takes apart), Caffe's layout, normalisation, reloading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import REPO
+from imnet_ablate import models
+from imnet_ablate.errors import UserError
+
+CONFIGS = {name: OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml") for name in ("alexnet", "alexnet_caffe", "alexnet_small")}
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("name,size,params,grid", [("alexnet", 224, 61_100_840, 6), ("alexnet_caffe", 227, 60_965_224, 6),
+                                                   ("alexnet_small", 28, None, 3)])
+def test_named_parts_and_shapes(name: str, size: int, params: int | None, grid: int) -> None:
+    cfg = CONFIGS[name]
+    model = models.build(cfg, 1000)
+    assert cfg.input_size == size == model.input_size
+    if params:  # the published parameter counts (torchvision's alexnet; bvlc_alexnet's deploy.prototxt)
+        assert sum(p.numel() for p in model.parameters()) == params
+    x = torch.randn(2, 3, size, size)
+    fmap = model.trunk(x)
+    assert fmap.shape == (2, model.trunk_channels, grid, grid)
+    assert model.pool(fmap).shape == fmap.shape
+    for fc in (model.fc6, model.fc7):
+        assert [type(m) for m in fc] == [nn.Dropout, nn.Linear, nn.ReLU] and fc[1].out_features == model.feature_dim
+    assert model.head.in_features == model.feature_dim and model.head.out_features == 1000
+    model.eval()
+    manual = model.head(model.fc7(model.fc6(torch.flatten(model.pool(model.trunk(x)), 1))))
+    assert torch.equal(model(x), manual) and torch.equal(model.features(x), model.fc7(model.fc6(fmap.flatten(1))))
+
+
+def test_caffe_layout_has_lrn_groups_and_caffe_init() -> None:
+    model = models.build(CONFIGS["alexnet_caffe"], 10)
+    convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [96, 256, 384, 384, 256]
+    assert [c.groups for c in convs] == [1, 2, 1, 2, 2]
+    assert sum(isinstance(m, nn.LocalResponseNorm) for m in model.trunk) == 2
+    assert [c.bias[0].item() for c in convs] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert model.fc6[1].weight.std().item() == pytest.approx(0.005, rel=0.05)
+
+
+def test_small_model_is_cpu_sized_and_pools_other_input_sizes() -> None:
+    model = models.build(CONFIGS["alexnet_small"], 1000)
+    assert sum(p.numel() for p in model.trunk.parameters()) < 150_000
+    assert model(torch.randn(1, 3, 40, 40)).shape == (1, 1000)  # GridPool reaches the fc6 grid from any size
+
+
+def test_normalize_is_float_channels_last_with_imagenet_statistics() -> None:
+    x = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
+    y = models.normalize(x)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    expected = [(128 / 255 - m) / s for m, s in zip(models.MEAN, models.STD)]
+    assert y[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_load_pretrained_rebuilds_from_the_folder(tmp_path) -> None:
+    model = models.build(CONFIGS["alexnet_small"], 7)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": CONFIGS["alexnet_small"]})))
+    (tmp_path / "metrics.json").write_text(json.dumps({"num_classes": 7, "top1": 1.0}))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded, manifest = models.load_pretrained(tmp_path)
+    assert manifest["top1"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(UserError, match="not a finished pre-training folder"):
+        models.load_pretrained(tmp_path / "missing")
+
+
+def test_unknown_model_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="model.name=vgg"):
+        models.build({"name": "vgg", "input_size": 224}, 10)
