@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -198,6 +199,16 @@ def test_publish_replaces_an_incomplete_folder(tmp_path: Path):
     (fresh / demo.MANIFEST).write_text("complete")
     demo.publish(fresh, final)
     assert sorted(p.name for p in final.iterdir()) == [demo.MANIFEST]
+
+
+def test_stale_temporary_folders_are_swept(tmp_path: Path):
+    final = tmp_path / "demo" / "abc"
+    old, live = tmp_path / "demo" / ".abc.tmp-old", tmp_path / "demo" / ".abc.tmp-live"
+    for path in (old, live):
+        (path / "imagenet").mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * demo.STALE_TMP_S,) * 2)
+    demo.sweep_stale(final)
+    assert not old.exists() and live.exists()
 
 
 @pytest.mark.parametrize("change, key", [({"seed": -1}, "seed"), ({"image_size": 8}, "image_size"),

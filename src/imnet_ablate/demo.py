@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from .store import spec_hash
 
 GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
+STALE_TMP_S = 3600.0
 JPEG_QUALITY = 90
 
 # The 20 VOC classes in devkit order and the WordNet synset the authors mapped each to
@@ -367,8 +369,8 @@ def write_classes(out: Path, params: DemoParams, class_indices: Sequence[int]) -
 VOC_CODE = 3
 OBJECT_COUNTS = np.array([1, 2, 3, 4])
 OBJECT_COUNT_P = np.array([0.35, 0.3, 0.2, 0.15])
-MIN_VISIBLE_FRACTION = 0.35  # objects less visible than this (occluded, cut off) are "difficult"
-MIN_AREA_FRACTION = 0.012  # ... as are tiny ones (box area / image area)
+MIN_VISIBLE_FRACTION = 0.4  # objects less visible than this (occluded by later ones) are "difficult"
+MIN_AREA_FRACTION = 0.025  # ... as are tiny ones (box area / image area)
 
 
 @dataclass(frozen=True)
@@ -407,7 +409,7 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 def annotate(masks: np.ndarray, names: Sequence[str], flips: np.ndarray) -> list[VocObject]:
     """VOC objects from the per-object coverage masks (drawing order): box, truncated at the border, difficult
-    when mostly hidden by later objects or cut off, or tiny."""
+    when mostly hidden by later objects or tiny."""
     size = masks.shape[-1]
     objects = []
     for j, mask in enumerate(masks):
@@ -417,8 +419,7 @@ def annotate(masks: np.ndarray, names: Sequence[str], flips: np.ndarray) -> list
         visible = mask & ~masks[j + 1:].any(axis=0)
         truncated = bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
         area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
-        hidden = visible.sum() < MIN_VISIBLE_FRACTION * mask.sum() or (truncated and visible.sum() < 0.5 * area)
-        difficult = bool(hidden or area < MIN_AREA_FRACTION * size * size)
+        difficult = bool(visible.sum() < MIN_VISIBLE_FRACTION * mask.sum() or area < MIN_AREA_FRACTION * size ** 2)
         objects.append(VocObject(names[j], "Left" if flips[j] < 0 else "Right", truncated, difficult, box))
     return objects
 
@@ -427,7 +428,7 @@ def scene_images(plans: Sequence[dict[str, Any]], size: int, latents: Mapping[st
                  ) -> list[tuple[np.ndarray, list[VocObject]]]:
     """Scenes rendered together: background, clutter, then each scene's objects in random overlapping order."""
     look = decode(np.stack([latents[w] for plan in plans for w in plan["wnids"]]))
-    where = pose(np.concatenate([plan["u"] for plan in plans]), size, (0.07, 0.32), 1.0, look["rot0"], 0.7)
+    where = pose(np.concatenate([plan["u"] for plan in plans]), size, (0.07, 0.32), 0.9, look["rot0"], 0.7)
     colour, alpha = render(look, where, size)
     cu = np.concatenate([plan["clutter_u"] for plan in plans])
     clutter = render(plain(decode(np.concatenate([plan["clutter_z"] for plan in plans]))),
@@ -529,7 +530,8 @@ def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 
 def worker_count() -> int:
     """Two single-threaded worker processes ran faster and steadier than threads on 2-core machines."""
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(2, cpus))
 
 
 def start_method() -> str:
@@ -608,12 +610,21 @@ def publish(tmp: Path, final: Path) -> None:
             os.rename(tmp, final)
 
 
+def sweep_stale(final: Path, max_age_s: float = STALE_TMP_S) -> None:
+    """Remove temporary folders of ``final`` left by killed generators (a live one finishes in minutes)."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure(params: Mapping[str, Any], cache_dir: Path) -> Path:
     """The demo folder for ``params`` (``imagenet/``, ``VOCdevkit/``, ``manifest.json``), generated if missing."""
     spec = parse_params(params)
     final = folder_for(params, cache_dir)
     if (final / MANIFEST).is_file():
         return final
+    sweep_stale(final)
     with scratch_dir(final.parent, f".{final.name}.tmp-") as tmp:
         generate(spec, tmp, worker_count())
         publish(tmp, final)

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Time ``demo.ensure`` at the default demo settings (conf/data/demo.yaml) into a fresh cache folder.
+
+    .venv/bin/python scripts/bench_demo.py [--cache DIR] [--keep]
+
+Prints wall seconds, CPU seconds (this process and its workers: on a busy machine wall time overstates the cost,
+CPU time / cores does not), the load average, file count and disk size. The folder is removed unless ``--keep``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from imnet_ablate import demo
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "demo.yaml"
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def disk_usage(folder: Path) -> tuple[int, int, int]:
+    """(files, apparent bytes, allocated bytes)."""
+    files = [p.stat() for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(s.st_size for s in files), sum(s.st_blocks * 512 for s in files)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, help="cache folder (default: a new temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated folder")
+    args = ap.parse_args()
+    params = OmegaConf.load(CONF).demo
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="bench_demo_"))
+    if demo.folder_for(params, cache).exists():
+        raise SystemExit(f"{demo.folder_for(params, cache)} exists: pass an empty --cache to time generation")
+    load_before = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    folder = demo.ensure(params, cache)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    files, apparent, allocated = disk_usage(folder)
+    print(f"params: {OmegaConf.to_container(params)}")
+    print(f"workers: {demo.worker_count()}  cpus: {os.cpu_count()}  load average before/after: "
+          f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+    print(f"wall_s: {wall:.1f}  cpu_s: {cpu:.1f}")
+    print(f"files: {files}  apparent_MB: {apparent / 1e6:.1f}  disk_MB: {allocated / 1e6:.1f}")
+    if not args.keep:
+        shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()
