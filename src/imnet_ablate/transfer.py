@@ -440,7 +440,6 @@ def run_det(stage: Stage, model: models.AlexNetLike, pretrained: bool, roots: da
             task: DictConfig, seed: int, device: torch.device) -> dict[str, Any]:
     if pretrained:
         freeze_convs(model, task.freeze_convs)
-    torch.manual_seed(seed)  # the new RPN and predictor layers
     detector = build_detector(model, task)
     train_detector(stage, detector, roots.voc, voc.load_split(roots.voc, task.train_split), task, seed, device)
     test_imgs = voc.load_split(roots.voc, task.test_split)
@@ -517,6 +516,7 @@ def run(cfg: DictConfig) -> Path:
             device = device_of(cfg)
             log.info("transfer %s from %s (seed %d) on %s -> %s", task.name, source.name, seed, device, st.path)
             started = time.perf_counter()
+            torch.manual_seed(seed)  # new layers, dropout, proposal sampling: the seed picks them all
             if task.name == "voc-cls":
                 result = run_cls(st, model, roots, task, seed, device)
             else:
