@@ -167,3 +167,26 @@ def test_ablate_pack_cli_packs_once(tree: Path, tmp_path: Path):
     stamp = (folder / "DONE").stat().st_mtime_ns
     again = run_ablate(*args, timeout=120)
     assert run_dir_of(again) == folder and (folder / "DONE").stat().st_mtime_ns == stamp
+
+
+def test_loader_packed_config_builds_the_subset_datasets(demo_cache: Path, tmp_path: Path):
+    """``loader=packed`` as pretrain composes it: the store is packed on first use and gives the files crops."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import tiny_demo_overrides
+    from imnet_ablate import subsets
+    from imnet_ablate.cli import conf_dir
+
+    overrides = tiny_demo_overrides(demo_cache, tmp_path / "runs") + ["loader=packed", "loader.pack.workers=1",
+                                                                       "subset=wordnet-9"]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(config_name="pretrain", overrides=overrides)
+    folder = subsets.build(cfg)
+    train, val = pack.build_datasets(folder, cfg.model, cfg.train, cfg.loader)
+    files = loaders.FilesDataset(loaders.data_root(folder), *loaders.read_split(folder, "train"), train.transform)
+    assert isinstance(train, pack.PackedDataset) and len(train) == len(files) > 0
+    assert (train.store.folder / "DONE").is_file() and str(train.store.folder).startswith(str(tmp_path / "runs"))
+    for key in [(0, 1), (len(train) - 1, 2)]:
+        a, b = files[key], train[key]
+        assert a[1:] == b[1:] and (a[0].int() - b[0].int()).abs().max() <= 1
+    assert isinstance(val, loaders.FilesDataset)  # validation stays on the files path
