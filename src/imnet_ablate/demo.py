@@ -130,7 +130,8 @@ def node_latent(seed: int, wnid: str) -> np.ndarray:
 
 
 def chain_weights(chain_len: int) -> np.ndarray:
-    """(chain_len, N_TRAITS) weight of each chain node in each trait, leaf first; rows sum (in squares) to 1."""
+    """(chain_len, N_TRAITS) weight of each chain node (leaf first) in each trait. Each trait's weights have unit
+    sum of squares, so every class latent is N(0, 1) however long its chain."""
     index = np.arange(chain_len)
     depth = chain_len - 1 - index
     leaf, parent = index == 0, index == 1
