@@ -7,6 +7,7 @@ a folder with a valid ``DONE`` marker is finished and reused; one without it is 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -64,9 +65,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         raise UserError(f"cannot write {path}: {e.strerror}") from e
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -75,6 +78,21 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the new directory entry survives a power cut, not only the file's bytes."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -116,16 +134,6 @@ def provenance() -> dict[str, Any]:
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Stage:
@@ -182,36 +190,31 @@ class Stage:
     # -- locking ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, wait: bool = True, poll_s: float = 2.0, stale_after_s: float = STALE_AFTER_S) -> Iterator[None]:
-        """Hold ``LOCK`` (pid, host, heartbeat) while the body runs.
+        """Hold ``LOCK`` while the body runs, so two processes never run one stage at once.
 
-        A live holder on another process makes this wait (``wait=True``) or raise ``UserError``. A stale lock
-        (holder dead on this host, or no heartbeat for ``stale_after_s``) is taken over with a warning.
+        On one host the lock is an ``flock`` on ``LOCK``, released by the kernel when its holder dies, so a
+        killed run never blocks its rerun. The file also records pid, host and a heartbeat (its mtime, touched
+        every ``HEARTBEAT_S``) for holders on other hosts sharing the folder (a cluster file system): a live one
+        makes this wait (``wait=True``) or raise ``UserError``; one silent for ``stale_after_s`` is taken over
+        with a warning.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path}: {e.strerror or e}") from e
         lock_path = self.path / LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         warned = False
-        while True:
-            try:
-                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read_lock(lock_path)
-                if self._is_stale(lock_path, holder, stale_after_s):
-                    log.warning("taking over stale lock %s (holder %s)", lock_path, holder)
-                    with contextlib.suppress(OSError):  # only one taker wins the rename
-                        os.replace(lock_path, lock_path.with_name(f"{LOCK}.stale.{os.getpid()}"))
-                        os.unlink(lock_path.with_name(f"{LOCK}.stale.{os.getpid()}"))
-                    continue
-                if not wait:
-                    raise UserError(f"{self.path} is being written by another process ({holder}); rerun later")
-                if not warned:
-                    log.warning("waiting for %s, held by %s", self.path, holder)
-                    warned = True
-                time.sleep(poll_s)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
+        while (fd := self._try_lock(lock_path, stale_after_s)) is None:
+            holder = self._read_lock(lock_path)
+            if not wait:
+                raise UserError(f"{self.path} is being written by another process ({holder}); rerun later")
+            if not warned:
+                log.warning("waiting for %s, held by %s", self.path, holder)
+                warned = True
+            time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
         stop = threading.Event()
 
         def heartbeat() -> None:
@@ -227,8 +230,34 @@ class Stage:
             stop.set()
             beat.join()
             with contextlib.suppress(OSError):
-                if self._read_lock(lock_path).get("pid") == me["pid"]:
-                    os.unlink(lock_path)
+                os.unlink(lock_path)  # while still holding the flock: a waiter re-checks the inode
+            os.close(fd)
+
+    def _try_lock(self, lock_path: Path, stale_after_s: float) -> int | None:
+        """An fd holding the flock on the current ``LOCK`` file, or None if a live process holds it."""
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except OSError:
+            same_file = False
+        if not same_file:  # the previous holder unlinked it after we opened it: start over on the new file
+            os.close(fd)
+            return self._try_lock(lock_path, stale_after_s)
+        holder = self._read_lock(lock_path)
+        if holder and holder.get("host") != socket.gethostname():
+            age = time.time() - os.fstat(fd).st_mtime
+            if age < stale_after_s:
+                os.close(fd)
+                return None
+            log.warning("taking over stale lock %s (holder %s, silent for %.0f s)", lock_path, holder, age)
+        elif holder:
+            log.warning("taking over the lock of a dead process: %s (holder %s)", lock_path, holder)
+        return fd
 
     @staticmethod
     def _read_lock(lock_path: Path) -> dict[str, Any]:
@@ -236,13 +265,3 @@ class Stage:
             return json.loads(lock_path.read_text())
         except (OSError, ValueError):
             return {}
-
-    @staticmethod
-    def _is_stale(lock_path: Path, holder: Mapping[str, Any], stale_after_s: float) -> bool:
-        try:
-            age = time.time() - lock_path.stat().st_mtime
-        except OSError:
-            return False  # vanished: the next O_EXCL attempt decides
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return not _pid_alive(holder["pid"])
-        return age > stale_after_s

@@ -1,0 +1,118 @@
+"""Stage folders: hashing, atomic writes, the DONE marker and the lock."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imnet_ablate.errors import UserError
+from imnet_ablate.store import LOCK, Stage, atomic_path, atomic_write_text, spec_hash
+
+
+def test_spec_hash_ignores_key_order_and_sees_values():
+    assert spec_hash({"a": 1, "b": [1, 2]}) == spec_hash({"b": [1, 2], "a": 1})
+    assert spec_hash({"a": 1}) != spec_hash({"a": 2})
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary left behind
+
+
+def test_atomic_write_uses_normal_permissions(tmp_path):
+    atomic_write_text(tmp_path / "f", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_unwritable_output_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot"):
+        atomic_write_text(tmp_path / "file" / "out.txt", "x")
+    with pytest.raises(UserError, match="cannot create"):
+        with Stage(tmp_path / "file", "kind", "name", {}).lock():
+            pass
+
+
+def test_done_marker_checks_sizes_and_checksums(tmp_path):
+    stage = Stage(tmp_path, "kind", "name", {"x": 1})
+    assert stage.path.name == f"name-{stage.hash}"
+    stage.path.mkdir(parents=True)
+    (stage.path / "a.txt").write_text("hello")
+    assert not stage.is_done()
+    stage.finish(["a.txt"])
+    assert stage.is_done() and stage.verify() == []
+    (stage.path / "a.txt").write_text("HELLO")  # same size, other bytes
+    assert stage.is_done() and stage.verify() == ["a.txt"]
+    (stage.path / "a.txt").write_text("hello!")  # truncated/extended outputs are never trusted
+    assert not stage.is_done()
+
+
+HOLD = """
+import sys, time
+from imnet_ablate.store import Stage
+stage = Stage(sys.argv[1], "kind", "name", {})
+with stage.lock():
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(root: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_process_waits_for_a_live_holder(tmp_path):
+    proc = _holder(tmp_path, 2.0)
+    stage = Stage(tmp_path, "kind", "name", {})
+    with pytest.raises(UserError, match="another process"):
+        with stage.lock(wait=False):
+            pass
+    started = time.time()
+    with stage.lock(poll_s=0.1):
+        waited = time.time() - started  # we only got in once the holder's 2 s were over
+    proc.wait()
+    assert waited > 1.0
+    assert not (stage.path / LOCK).exists()
+
+
+def test_lock_of_a_killed_process_is_taken_over_at_once(tmp_path):
+    proc = _holder(tmp_path, 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stage = Stage(tmp_path, "kind", "name", {})
+    assert (stage.path / LOCK).exists()  # left behind by the dead holder
+    started = time.time()
+    with stage.lock(wait=False):
+        pass
+    assert time.time() - started < 1
+
+
+def test_lock_from_another_host_waits_until_its_heartbeat_stops(tmp_path):
+    stage = Stage(tmp_path, "kind", "name", {})
+    stage.path.mkdir(parents=True)
+    lock = stage.path / LOCK
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-other", "started": 0}))
+    with pytest.raises(UserError):
+        with stage.lock(wait=False):
+            pass
+    old = time.time() - 120
+    os.utime(lock, (old, old))  # no heartbeat for two minutes
+    with stage.lock(wait=False):
+        pass
