@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imnet_ablate.errors import UserError
-from imnet_ablate.imagenet import list_imagenet
+from imnet_ablate.imagenet import image_names, list_imagenet
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -35,6 +35,19 @@ def test_lists_images_sorted_and_ignores_other_files(tmp_path):
         [f"train/{WNIDS[0]}/upper.JPG"]
     assert listing.val[WNIDS[2]].paths() == [f"val/{WNIDS[2]}/{WNIDS[2]}_0.JPEG"]
     assert listing.cache_file.parent == tmp_path / "cache" / "listings"
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["b.JPEG", "a.JPEG"], ["a.JPEG", "b.JPEG"]),  # one extension: the quick path
+    (["b.JPEG", ".a.JPEG"], ["b.JPEG"]),
+    (["b.JPEG", "a.JPEG.txt"], ["b.JPEG"]),
+    (["b.png", "a.JPEG", "c.Jpeg"], ["a.JPEG", "b.png", "c.Jpeg"]),
+    (["notes.txt"], []),
+])
+def test_image_names(tmp_path, names, expected):
+    for n in names:
+        (tmp_path / n).touch()
+    assert image_names(tmp_path) == expected
 
 
 def test_cache_is_reused_and_invalidated_when_the_tree_changes(tmp_path):

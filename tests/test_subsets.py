@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from imnet_ablate import subsets, wordnet
+from imnet_ablate import imagenet, subsets, wordnet
 from imnet_ablate.cli import conf_dir
 from imnet_ablate.errors import UserError
 
@@ -214,3 +215,11 @@ def test_show_classes_largest_first(tree, cache, tmp_path, capsys):
     assert [int(r["n_members"]) for r in rows] == sorted((int(r["n_members"]) for r in rows), reverse=True)
     printed = capsys.readouterr().out.splitlines()
     assert "127 classes" in printed[0] and "mammal" in printed[2] and "218" in printed[2]
+
+
+def test_sample_is_the_first_n_by_sha1_of_seed_and_path():
+    """The documented rule, so anyone can recompute a subset: rank by sha1("<seed>:<relative path>")."""
+    files = imagenet.Files("train/n01440764/", sorted(f"n01440764_{i}.JPEG" for i in range(50)))
+    by_rule = sorted(files.paths(), key=lambda p: hashlib.sha1(f"7:{p}".encode()).digest())[:10]
+    assert subsets.sample(files, 10, 7) == sorted(by_rule)
+    assert subsets.sample(files, 50, 7) == subsets.sample(files, None, 7) == files.paths()

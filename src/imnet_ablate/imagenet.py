@@ -91,10 +91,14 @@ def class_folders(folder: Path, key: str) -> list[os.DirEntry]:
 def image_names(folder: Path) -> list[str]:
     """The sorted names of the image files in ``folder`` (not hidden, an image extension)."""
     try:
-        joined = "\0".join(os.listdir(folder))
+        names = os.listdir(folder)
     except OSError as e:
         raise _unreadable(folder, e) from e
-    names = sorted(_IMAGES_IN.findall(joined))
+    joined = "\0".join(names)
+    ext = os.path.splitext(names[0])[1] if names else ""
+    all_one_ext = (ext.lower() in IMG_EXTENSIONS and joined.count(ext + "\0") == len(names) - 1
+                   and joined.endswith(ext) and not joined.startswith(".") and "\0." not in joined)
+    names = sorted(names if all_one_ext else _IMAGES_IN.findall(joined))  # the usual folder skips the regex
     if "\t" in joined or "\n" in joined:
         bad = next(n for n in names if "\t" in n or "\n" in n)
         raise UserError(f"{folder / bad!s}: file name contains a tab or newline; expected plain file names")

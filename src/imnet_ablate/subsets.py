@@ -36,11 +36,20 @@ def rank(seed: int, item: str) -> bytes:
 
 
 def sample(files: imagenet.Files, n: int | None, seed: int) -> list[str]:
-    """The ``n`` paths of a class ranked first by their seeded hash (all of them if it has ``n`` or fewer), sorted."""
-    paths = files.paths()
-    if n is None or n >= len(paths):
-        return paths
-    return sorted(sorted(paths, key=lambda p: rank(seed, p))[:n])
+    """The ``n`` paths of a class ranked first by ``rank(seed, path)`` (all of them if it has ``n`` or fewer), sorted.
+
+    Same ranks as ``rank``, with the hash state of the common ``"<seed>:<folder>/"`` prefix reused: half the CPU.
+    """
+    if n is None or n >= len(files):
+        return files.paths()
+    prefix = hashlib.sha1(f"{seed}:{files.prefix}".encode())
+    keys = []
+    for name in "\0".join(files.names).encode().split(b"\0"):
+        h = prefix.copy()
+        h.update(name)
+        keys.append(h.digest())
+    chosen = sorted(sorted(range(len(keys)), key=keys.__getitem__)[:n])
+    return [files.prefix + files.names[i] for i in chosen]
 
 
 # -- spec ---------------------------------------------------------------------------------------------------------
