@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import UserError
+
+# Our hydra/launcher configs list every key of the submitit plugin's schema themselves (a config cannot extend
+# the plugin's config of the same name); Hydra validates them against that schema and warns each time.
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema with the same name",
+                        category=UserWarning)
 
 
 class Command(NamedTuple):
