@@ -110,7 +110,7 @@ def scan_folders(folders: Iterable[os.DirEntry], sub: str) -> ClassFiles:
     return {d.name: Files(f"{sub}/{d.name}/", image_names(Path(d.path))) for d in folders}
 
 
-def read_train_listing(root: Path, listing: Path) -> ClassFiles:
+def read_train_listing(listing: Path) -> ClassFiles:
     """A listing file (its own path relative to the working folder): ``<path relative to data.root>[<TAB><wnid>]``
     per line; without a wnid, the file's folder name is the wnid (``train/<wnid>/x.JPEG``)."""
     out: dict[str, list[str]] = {}
@@ -237,7 +237,7 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
         return Listing(root, train_files, val_files, checksum, cache_file)
 
     log.info("listing %s (first time; cached in %s)", root, cache_file)
-    train_files = read_train_listing(root, listing_file) if train_listing else scan_folders(train_dirs, "train")
+    train_files = read_train_listing(listing_file) if train_listing else scan_folders(train_dirs, "train")
     if val_labels:
         val_files = read_flat_val(root, val, labels_file)
     else:
