@@ -12,7 +12,8 @@ from conftest import REPO
 from imnet_ablate import models
 from imnet_ablate.errors import UserError
 
-CONFIGS = {name: OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml") for name in ("alexnet", "alexnet_caffe", "alexnet_small")}
+CONFIGS = {name: OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+           for name in ("alexnet", "alexnet_caffe", "alexnet_small")}
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +21,8 @@ def few_threads():
     torch.set_num_threads(2)
 
 
-@pytest.mark.parametrize("name,size,params,grid", [("alexnet", 224, 61_100_840, 6), ("alexnet_caffe", 227, 60_965_224, 6),
-                                                   ("alexnet_small", 28, None, 3)])
+@pytest.mark.parametrize("name,size,params,grid", [
+    ("alexnet", 224, 61_100_840, 6), ("alexnet_caffe", 227, 60_965_224, 6), ("alexnet_small", 28, None, 3)])
 def test_named_parts_and_shapes(name: str, size: int, params: int | None, grid: int) -> None:
     cfg = CONFIGS[name]
     model = models.build(cfg, 1000)
@@ -29,13 +30,13 @@ def test_named_parts_and_shapes(name: str, size: int, params: int | None, grid: 
     if params:  # the published parameter counts (torchvision's alexnet; bvlc_alexnet's deploy.prototxt)
         assert sum(p.numel() for p in model.parameters()) == params
     x = torch.randn(2, 3, size, size)
+    model.eval()
     fmap = model.trunk(x)
     assert fmap.shape == (2, model.trunk_channels, grid, grid)
     assert model.pool(fmap).shape == fmap.shape
     for fc in (model.fc6, model.fc7):
         assert [type(m) for m in fc] == [nn.Dropout, nn.Linear, nn.ReLU] and fc[1].out_features == model.feature_dim
     assert model.head.in_features == model.feature_dim and model.head.out_features == 1000
-    model.eval()
     manual = model.head(model.fc7(model.fc6(torch.flatten(model.pool(model.trunk(x)), 1))))
     assert torch.equal(model(x), manual) and torch.equal(model.features(x), model.fc7(model.fc6(fmap.flatten(1))))
 
@@ -52,7 +53,11 @@ def test_caffe_layout_has_lrn_groups_and_caffe_init() -> None:
 
 def test_small_model_is_cpu_sized_and_pools_other_input_sizes() -> None:
     model = models.build(CONFIGS["alexnet_small"], 1000)
-    assert sum(p.numel() for p in model.trunk.parameters()) < 150_000
+    convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
+    assert sum(p.numel() for c in convs for p in c.parameters()) < 150_000
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.trunk) == len(convs) == 4  # conf: batchnorm: true
+    plain = models.build({**CONFIGS["alexnet_small"], "batchnorm": False}, 10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.trunk)
     assert model(torch.randn(1, 3, 40, 40)).shape == (1, 1000)  # GridPool reaches the fc6 grid from any size
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import warnings
 from collections.abc import Iterator
@@ -239,11 +240,19 @@ def _seed_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def worker_count(value: int | str, processes: int = 1) -> int:
+    """``loader.num_workers``: a number, or ``auto``: the CPUs this process may use, shared by the local training
+    processes, less one for the process itself."""
+    if value != "auto":
+        return int(value)
+    return max(1, len(os.sched_getaffinity(0)) // processes - 1)
+
+
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, loader_cfg: DictConfig,
                 drop_last: bool, pin_memory: bool) -> DataLoader:
     """A DataLoader over ``(index, aug_seed)`` keys. Its own generator keeps it from drawing on the global RNG
     (which dropout uses), so creating an iterator mid-run does not change the training's random stream."""
-    workers = int(loader_cfg.num_workers)
+    workers = worker_count(loader_cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker,
                       persistent_workers=bool(loader_cfg.persistent_workers) and workers > 0,
@@ -252,10 +261,14 @@ def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, lo
 
 
 def build_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfig, loader_cfg: DictConfig
-             ) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets of a subset folder for the configured backend."""
+                   ) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets of a subset folder for the configured backend (``loader=files|packed``)."""
+    if loader_cfg.name == "packed":
+        from . import pack
+
+        return pack.build_datasets(subset_dir, model_cfg, train_cfg, loader_cfg)
     if loader_cfg.name != "files":
-        raise UserError(f"loader={loader_cfg.name}: not available in this version; use loader=files")
+        raise UserError(f"loader={loader_cfg.name}: unknown loader; expected files or packed")
     root = data_root(subset_dir)
     size, resize = int(model_cfg.input_size), int(model_cfg.resize)
     train = FilesDataset(root, *read_split(subset_dir, "train"), Transform(size, resize, str(train_cfg.augment)))
