@@ -43,6 +43,7 @@ METRICS = ["epoch", "iteration", "loss", "top1", "top5", "val_loss", "lr", "imag
 # train.* keys that change how a run is operated, not what it computes: kept out of the folder hash.
 OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_every", "compile")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_POLL = 10  # with several processes, agree on a stop every this many steps (each agreement syncs the GPU)
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------------
@@ -389,7 +390,8 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
             t0, seen0, bad_paths = time.perf_counter(), stats["images"], []
             loss_sum = torch.tensor(stats["loss_sum"], dtype=torch.float64, device=dev)  # no per-step GPU sync
             bar = tqdm(total=plan.iters_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{plan.epochs}",
-                       unit="it", disable=not show, mininterval=1.0, dynamic_ncols=True)
+                       unit="img", unit_scale=batch * ctx.world, disable=not show, mininterval=1.0,
+                       dynamic_ncols=True)  # counts steps, shows images and images/s
             for images, labels, bad in loader:
                 if it >= plan.total_iters:
                     break
@@ -421,7 +423,7 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
                              loss.item(), scheduler.get_last_lr()[0], rate)
                     if tb:
                         tb.add_scalar("train/loss", loss.item(), it)
-                if flag(stop.signum is not None, ctx):
+                if (ctx.world == 1 or it % STOP_POLL == 0) and flag(stop.signum is not None, ctx):
                     save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
                     log.warning("stop signal: checkpointed at iteration %d; rerun the command to resume", it)
                     raise KeyboardInterrupt
@@ -436,7 +438,8 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
             epoch, pos = epoch + 1, 0
             last = it >= plan.total_iters
             row = {"epoch": epoch, "iteration": it, "loss": round(loss_total / max(1, images), 6), "top1": "",
-                   "top5": "", "val_loss": "", "lr": scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
+                   "top5": "", "val_loss": "", "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
+                   "images_per_s": round(rate, 1)}
             if epoch % int(t.eval_every) == 0 or last:
                 row.update(evaluate(net, val_loader, autocast, num_classes, ctx))
             history.append(row)
