@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import importlib.metadata
 import hashlib
 import json
 import logging
@@ -108,6 +110,7 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+@functools.cache
 def git_commit() -> str | None:
     """The commit of the source checkout this package runs from, with ``+dirty`` if it has local changes."""
     src = Path(__file__).resolve().parent
@@ -124,13 +127,11 @@ def git_commit() -> str | None:
 
 def provenance() -> dict[str, Any]:
     """What produced a stage's outputs: package and library versions, code version, host, time."""
-    import torch
-
     return {
         "package_version": __version__,
         "git_commit": git_commit(),
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": importlib.metadata.version("torch"),  # without importing it: subsets never need torch
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
