@@ -40,7 +40,7 @@ def collect(jobs: list) -> tuple[pd.DataFrame, list[str]]:
         if job.subset is not None and job.subset.is_done():
             manifest = _read_json(job.subset.path / "manifest.json")
             row["classes"] = manifest["num_classes"]
-            row["images"] = manifest["counts"]["train_images"]
+            row["images"] = manifest["num_train"]
         rows.append(row)
     return pd.DataFrame(rows), missing
 

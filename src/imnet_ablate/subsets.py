@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -217,8 +217,16 @@ def _listing(cfg: DictConfig) -> imagenet.Listing:
                                   data.get("val_dir") or "val", data.get("val_labels"))
 
 
-def build(cfg: DictConfig) -> Path:
-    """Write (or find) the subset folder of ``cfg.subset``: train.tsv, val.tsv, classes.tsv, manifest.json."""
+class Planned(NamedTuple):
+    stage: store.Stage
+    spec: dict[str, Any]
+    hierarchy: wordnet.Hierarchy
+    listing: imagenet.Listing
+    selection: Selection
+
+
+def plan(cfg: DictConfig) -> Planned:
+    """Resolve ``cfg.subset`` against the hierarchy and the (cached) listing, and name its stage folder."""
     spec = read_spec(cfg)
     h = wordnet.load()
     sel = None if spec["budget"] else select(h, spec)  # spec mistakes first, before any scan
@@ -228,18 +236,28 @@ def build(cfg: DictConfig) -> Path:
         log.warning("ignoring %d class folders that are not ILSVRC-2012 classes: %s", len(unknown), _fmt(unknown))
     sel = sel or select(h, spec, {c: len(p) for c, p in listing.train.items()})
     _check_images(listing, sel, spec["strict"])
-
     stage = store.Stage(cfg.paths.runs, "subset", spec["name"],
                         {"subset": spec, "data_root": str(listing.root), "listing": listing.checksum,
                          "hierarchy": h.checksum})
-    if stage.is_done():
-        return stage.path
-    with stage.lock():
-        if stage.is_done():
-            return stage.path
-        stage.write_spec()
-        _write_subset(stage, cfg, spec, h, listing, sel)
-    return stage.path
+    return Planned(stage, spec, h, listing, sel)
+
+
+def stage(cfg: DictConfig) -> store.Stage:
+    """The subset's stage folder (done or not), without writing anything."""
+    return plan(cfg).stage
+
+
+def build(cfg: DictConfig) -> Path:
+    """Write (or find) the subset folder of ``cfg.subset``: train.tsv, val.tsv, classes.tsv, manifest.json."""
+    p = plan(cfg)
+    if p.stage.is_done():
+        return p.stage.path
+    with p.stage.lock():
+        if p.stage.is_done():
+            return p.stage.path
+        p.stage.write_spec()
+        _write_subset(p.stage, cfg, p.spec, p.hierarchy, p.listing, p.selection)
+    return p.stage.path
 
 
 def _write_subset(stage: store.Stage, cfg: DictConfig, spec: Mapping[str, Any], h: wordnet.Hierarchy,
