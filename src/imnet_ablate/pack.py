@@ -95,12 +95,14 @@ def _chunk_paths(chunks: Path, k: int) -> tuple[Path, Path]:
     return chunks / f"{k:06d}.bin", chunks / f"{k:06d}.json"
 
 
-def chunk_done(chunks: Path, k: int, n: int) -> bool:
-    """A chunk counts when its record exists, covers ``n`` sources and its bytes have the recorded size."""
+def chunk_done(chunks: Path, k: int, items: Sequence[tuple[str, str]]) -> bool:
+    """A chunk counts when its record exists, covers exactly ``items`` (a rerun with another chunk_size lays
+    chunks out differently) and its bytes have the recorded size."""
     bin_path, rec_path = _chunk_paths(chunks, k)
     try:
         rec = json.loads(rec_path.read_text())
-        return len(rec["sizes"]) + len(rec["bad"]) == n and bin_path.stat().st_size == sum(rec["sizes"])
+        covered = sorted([p for p, _ in rec["items"]] + [p for p, _ in rec["bad"]])
+        return covered == sorted(p for p, _ in items) and bin_path.stat().st_size == sum(rec["sizes"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -155,7 +157,7 @@ def pack(root: Path, listing: Sequence[tuple[str, str]], out: Path, short_side: 
     chunks = out / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
     parts = [list(listing[i:i + chunk_size]) for i in range(0, len(listing), chunk_size)]
-    todo = [k for k, items in enumerate(parts) if not chunk_done(chunks, k, len(items))]
+    todo = [k for k, items in enumerate(parts) if not chunk_done(chunks, k, items)]
     if len(todo) < len(parts):
         log.info("resuming %s: %d of %d chunks already packed", out, len(parts) - len(todo), len(parts))
     jobs = [(str(root), str(chunks), k, parts[k], short_side, quality) for k in todo]
