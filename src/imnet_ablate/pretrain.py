@@ -69,14 +69,13 @@ def make_plan(t: DictConfig, n_train: int, world: int) -> Plan:
     s = t.schedule
     if s.unit not in ("epoch", "iteration"):
         raise UserError(f"train.schedule.unit={s.unit}: expected epoch or iteration")
-    ref_iters_per_epoch = int(t.reference_images) / batch
-    per_unit = 1.0 if s.unit == "iteration" else ref_iters_per_epoch  # reference iterations per schedule unit
-    if t.budget == "same_iterations":
-        scale = 1.0
-    elif t.budget == "same_epochs":
-        scale = iters_per_epoch / ref_iters_per_epoch
-    else:
+    if t.budget not in ("same_epochs", "same_iterations"):
         raise UserError(f"train.budget={t.budget}: expected same_epochs or same_iterations")
+    if s.unit == "epoch" and t.budget == "same_epochs":  # whole epochs of the subset itself
+        per_unit, scale = float(iters_per_epoch), 1.0
+    else:  # the reference set's iterations, scaled by the subset's share of its images for same_epochs
+        per_unit = 1.0 if s.unit == "iteration" else int(t.reference_images) / batch
+        scale = 1.0 if t.budget == "same_iterations" else n_train / int(t.reference_images)
     total = max(1, round(float(s.length) * per_unit * scale))
     step = max(1, round(float(s.step_every) * per_unit * scale))
     return Plan(iters_per_epoch, total, step, math.ceil(total / iters_per_epoch))
