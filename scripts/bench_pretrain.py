@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="default: 256 with --gpu; 64 (small) / 16 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 GPU, 10 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 10 GPU, 2 CPU)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: CPU count - 1, at least 1)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: loader.num_workers=auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the main process")
     args = p.parse_args()
     dev = torch.device("cuda" if args.gpu else "cpu")
@@ -128,7 +128,7 @@ def main() -> None:
     args.steps = args.steps or (50 if args.gpu else 10)
     args.warmup = args.warmup if args.warmup is not None else (10 if args.gpu else 2)
     cpus = len(os.sched_getaffinity(0))
-    args.workers = args.workers if args.workers is not None else max(1, cpus - 1)
+    args.workers = args.workers if args.workers is not None else loaders.worker_count("auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {cpus} CPUs, {torch.get_num_threads()} threads, "
