@@ -124,6 +124,7 @@ def test_short_run_learns_and_writes_every_output(reference_run: Path) -> None:
 def test_rerun_of_a_finished_run_is_a_noop(reference_run: Path, tiny_subset: Path) -> None:
     log_size, mtime = (reference_run / "log.txt").stat().st_size, (reference_run / "model.pt").stat().st_mtime_ns
     cfg = compose(*overrides(tiny_subset, reference_run.parents[1], "train.deterministic=true"))
+    assert pretrain.stage(cfg).path == reference_run and pretrain.stage(cfg).is_done()  # what `ablate run` plans with
     assert pretrain.run(cfg) == reference_run
     assert (reference_run / "model.pt").stat().st_mtime_ns == mtime
     assert (reference_run / "log.txt").stat().st_size == log_size

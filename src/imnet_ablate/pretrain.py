@@ -93,26 +93,48 @@ def subset_folder(cfg: DictConfig) -> Path:
     return subsets.build(cfg)
 
 
-def subset_identity(folder: Path) -> tuple[str, str, int]:
-    """(name, content hash, num_classes) of a subset folder; the hash covers its index files, not its location."""
-    h = hashlib.sha256()
-    for name in ("train.tsv", "val.tsv", "classes.tsv"):
-        try:
-            h.update(store.file_sha256(folder / name).encode())
-        except OSError as e:
-            raise UserError(f"{folder / name}: cannot read ({e.strerror}); rebuild the subset") from e
-    manifest = json.loads((folder / "manifest.json").read_text())
+def subset_key(folder: Path) -> tuple[str, str]:
+    """(name, key) of a subset folder: its stage hash when ``ablate subset`` built it (known before it is built,
+    so ``ablate run`` can plan), else a hash of its index files (a folder made elsewhere, ``subset_dir=``)."""
     stem, _, suffix = folder.name.rpartition("-")
     name = stem if len(suffix) == 12 and stem else folder.name
-    return name, h.hexdigest()[:16], int(manifest["num_classes"])
+    try:
+        return name, json.loads((folder / "stage.json").read_text())["hash"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for index in ("train.tsv", "val.tsv", "classes.tsv"):
+        try:
+            h.update(store.file_sha256(folder / index).encode())
+        except OSError as e:
+            raise UserError(f"{folder / index}: cannot read ({e.strerror}); rebuild the subset") from e
+    return name, h.hexdigest()[:12]
+
+
+def _stage(cfg: DictConfig, subset_name: str, key: str) -> store.Stage:
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL}
+    spec = {"subset": key, "model": OmegaConf.to_container(cfg.model, resolve=True), "train": train,
+            "loader": cfg.loader.name, "seed": int(cfg.seed)}
+    return store.Stage(cfg.paths.runs, "pretrain", f"{subset_name}-{cfg.model.name}", spec)
+
+
+def stage(cfg: DictConfig) -> store.Stage:
+    """The pre-training's folder (finished or not) without building or writing anything."""
+    if cfg.get("subset_dir"):
+        return _stage(cfg, *subset_key(subset_folder(cfg)))
+    from . import subsets
+
+    sub = subsets.stage(cfg)
+    return _stage(cfg, sub.name.rpartition("-")[0], sub.hash)
 
 
 def make_stage(cfg: DictConfig, folder: Path) -> tuple[store.Stage, int]:
-    name, subset_hash, num_classes = subset_identity(folder)
-    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL}
-    spec = {"subset": subset_hash, "num_classes": num_classes, "model": OmegaConf.to_container(cfg.model),
-            "train": train, "loader": cfg.loader.name, "seed": int(cfg.seed)}
-    return store.Stage(cfg.paths.runs, "pretrain", f"{name}-{cfg.model.name}", spec), num_classes
+    """The pre-training's folder for a built subset folder, and the subset's number of classes."""
+    try:
+        num_classes = int(json.loads((folder / "manifest.json").read_text())["num_classes"])
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder / 'manifest.json'}: cannot read num_classes ({e}); rebuild the subset") from e
+    return _stage(cfg, *subset_key(folder)), num_classes
 
 
 def lr_factor(step_iters: int, gamma: float):
