@@ -477,6 +477,7 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
                 break
     if tb:
         tb.close()
+    probe = probe_1k(cfg, model, ctx, autocast, pin) if t.imagenet_1k_probe.enabled else {}
     if ctx.main:
         save_torch(out / "model.pt", model.state_dict())
         final = next(r for r in reversed(history) if r["top1"] != "")
@@ -484,7 +485,7 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
             "num_classes": num_classes, "train_images": len(train_ds), "val_images": len(val_ds),
             "model": cfg.model.name, "recipe": t.name, "budget": t.budget, "plan": asdict(plan), "world": ctx.world,
             "subset_dir": str(folder), "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
-            "loss": history[-1]["loss"], "iterations": it, "epochs": history[-1]["epoch"]})
+            "loss": history[-1]["loss"], "iterations": it, "epochs": history[-1]["epoch"], **probe})
 
 
 @torch.no_grad()
@@ -511,6 +512,53 @@ def evaluate(net: torch.nn.Module, loader: torch.utils.data.DataLoader, autocast
     loss, top1, topk, n = all_sum(totals, ctx)
     n = max(n, 1)
     return {"top1": round(100 * top1 / n, 4), "top5": round(100 * topk / n, 4), "val_loss": round(loss / n, 6)}
+
+
+def probe_1k(cfg: DictConfig, model: models.AlexNetLike, ctx: Context, autocast: Any, pin: bool
+             ) -> dict[str, float]:
+    """The paper's ImageNet measure for reduced-class networks: with the network frozen, a new last layer for every
+    class of ``subset=full`` (same data) is trained on its training set; its top-1 / top-5 on the full val set.
+    Not checkpointed: an interrupted probe starts over (the training itself resumes at its end)."""
+    from . import subsets
+    from .cli import conf_dir
+
+    p, dev = cfg.train.imagenet_1k_probe, ctx.device
+    full = OmegaConf.merge(cfg, {"subset": OmegaConf.load(conf_dir() / "subset" / "full.yaml"), "subset_dir": None})
+    folder = subsets.build(full)
+    train_ds, val_ds = loaders.build_datasets(folder, cfg.model, cfg.train, cfg.loader)
+    num_classes = int(json.loads((folder / "manifest.json").read_text())["num_classes"])
+    head = torch.nn.Linear(model.feature_dim, num_classes).to(dev)
+    optimizer = torch.optim.SGD(head.parameters(), lr=float(p.lr), momentum=0.9, weight_decay=5e-4)
+    batch, size = int(cfg.train.batch_size) // ctx.world, int(cfg.model.input_size)
+    sampler = loaders.ResumableSampler(len(train_ds), int(cfg.seed), True, ctx.rank, ctx.world)
+    loader = loaders.make_loader(train_ds, sampler, batch, cfg.loader, drop_last=True, pin_memory=pin)
+    log.info("1000-class probe: a new %d-way last layer on %d images of %s, %d epochs", num_classes,
+             len(train_ds), folder, int(p.epochs))
+    model.eval()
+    for epoch in range(int(p.epochs)):
+        sampler.set_epoch(epoch)
+        for images, labels, _ in loader:
+            if not len(labels):
+                images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
+            with torch.no_grad(), autocast:
+                features = model.features(models.normalize(images.to(dev, non_blocking=True))).float()
+            loss = F.cross_entropy(head(features), labels.to(dev, non_blocking=True), reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            (loss / max(1, len(labels))).backward()
+            if ctx.world > 1:
+                for param in head.parameters():
+                    dist.all_reduce(param.grad)
+                    param.grad /= ctx.world
+            optimizer.step()
+    val_loader = loaders.make_loader(val_ds, loaders.ResumableSampler(len(val_ds), 0, False, ctx.rank, ctx.world,
+                                                                     pad=False), batch, cfg.loader, False, pin)
+    trained_head, model.head = model.head, head
+    try:
+        scores = evaluate(model, val_loader, autocast, num_classes, ctx)
+    finally:
+        model.head = trained_head
+    log.info("1000-class probe: top-1 %.2f%%, top-5 %.2f%%", scores["top1"], scores["top5"])
+    return {"imagenet_1k_top1": scores["top1"], "imagenet_1k_top5": scores["top5"]}
 
 
 def tensorboard(folder: Path) -> Any:
