@@ -164,8 +164,8 @@ def _run_stage(kind: str, container: dict[str, Any]) -> str:
 
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {kind} %(levelname)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        logging.basicConfig(level=os.environ.get("ABLATE_LOG_LEVEL", "INFO"), datefmt="%H:%M:%S",
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(f"imnet_ablate.{kind}")
     return str(module.run(OmegaConf.create(container)))
 

@@ -36,7 +36,7 @@ def collect(jobs: list) -> tuple[pd.DataFrame, list[str]]:
         row.update({f"ap_{name}": value for name, value in metrics["ap"].items()})
         pre = job.deps[0] if job.deps else None
         if pre is not None and pre.stage.is_done():
-            row["pretrain_top1"] = _read_json(pre.stage.path / "metrics.json").get("top1")
+            row["pretrain_top1"] = _read_json(pre.stage.path / "metrics.json").get("top1")  # percent
         if job.subset is not None and job.subset.is_done():
             manifest = _read_json(job.subset.path / "manifest.json")
             row["classes"] = manifest["num_classes"]
@@ -88,7 +88,7 @@ def markdown_table(table: pd.DataFrame) -> str:
               "Δ vs baseline", "paper Δ (PASCAL-DET)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
-        cells = [r.task, r.set, _fmt(r.classes), _fmt(r.images), _fmt(100 * r.pretrain_top1),
+        cells = [r.task, r.set, _fmt(r.classes, 0), _fmt(r.images, 0), _fmt(r.pretrain_top1),
                  _fmt(100 * r.map), _fmt(100 * r.map_std), str(r.seeds), _fmt(100 * r.delta, signed=True),
                  _fmt(r.paper_delta, signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -103,7 +103,11 @@ def per_class_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(table: pd.DataFrame, exp: DictConfig, path: Path) -> None:
-    """Transfer mAP and pre-training top-1 against images per class or number of classes, like the paper."""
+    """The paper's figure for this question: transfer mAP (and pre-training top-1) per pre-training set.
+
+    ``experiment.plot: line`` draws them against ``experiment.x`` (images or classes, log scale) like the paper's
+    curves; ``bar`` compares unrelated sets side by side. Sets without that number (scratch) are a dashed line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,27 +115,39 @@ def plot(table: pd.DataFrame, exp: DictConfig, path: Path) -> None:
 
     x_key = str(exp.get("x", "images"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for task, group in table.groupby("task", sort=False):
-        numeric = group.dropna(subset=[x_key]) if x_key in group else group.iloc[0:0]
-        numeric = numeric.sort_values(x_key)
-        axes[0].errorbar(numeric[x_key], 100 * numeric["map"], yerr=100 * numeric["map_std"].fillna(0),
-                         marker="o", capsize=3, label=f"{task}")
-        for r in numeric.itertuples():
-            axes[0].annotate(r.set, (getattr(r, x_key), 100 * r.map), fontsize=7, xytext=(3, 3),
-                             textcoords="offset points")
-        for r in group[group[x_key].isna()].itertuples() if x_key in group else []:
-            axes[0].axhline(100 * r.map, linestyle="--", color="grey", linewidth=1)
-            axes[0].annotate(f"{r.set} ({task})", (0.01, 100 * r.map), xycoords=("axes fraction", "data"),
-                             fontsize=7, color="grey")
-        pre = numeric.dropna(subset=["pretrain_top1"])
-        axes[1].plot(pre[x_key], 100 * pre["pretrain_top1"], marker="s", label="pre-training top-1 (own val)")
-    xlabel = {"images": "pre-training images", "classes": "pre-training classes"}.get(x_key, x_key)
-    for ax, ylabel in zip(axes, ["transfer mAP (%)", "top-1 (%)"]):
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+    tasks = list(dict.fromkeys(table["task"]))
+    for t, (task, group) in enumerate(table.groupby("task", sort=False)):
+        floor = group[group["classes"].isna()]
+        ranked = group.dropna(subset=["classes"])
+        if exp.get("plot", "line") == "bar":
+            width = 0.8 / len(tasks)
+            pos = [i + t * width for i in range(len(ranked))]
+            axes[0].bar(pos, 100 * ranked["map"], width, yerr=100 * ranked["map_std"].fillna(0), capsize=3,
+                        label=task)
+            axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(ranked))], ranked["set"], rotation=20)
+            if t == 0:
+                axes[1].bar(range(len(ranked)), ranked["pretrain_top1"])
+                axes[1].set_xticks(range(len(ranked)), ranked["set"], rotation=20)
+        else:
+            ranked = ranked.sort_values(x_key)
+            axes[0].errorbar(ranked[x_key], 100 * ranked["map"], yerr=100 * ranked["map_std"].fillna(0),
+                             marker="o", capsize=3, label=task)
+            for r in ranked.itertuples():
+                axes[0].annotate(r.set, (getattr(r, x_key), 100 * r.map), fontsize=7, xytext=(3, 3),
+                                 textcoords="offset points")
+            if t == 0:
+                axes[1].plot(ranked[x_key], ranked["pretrain_top1"], marker="s")
+        for r in floor.itertuples():
+            axes[0].axhline(100 * r.map, linestyle="--", color="black", linewidth=1, label=f"{r.set} ({task})")
+    axes[0].set_ylabel("transfer mAP (%)")
+    axes[1].set_ylabel("pre-training top-1 on its own val (%)")
+    if exp.get("plot", "line") != "bar":
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xlabel({"images": "pre-training images", "classes": "pre-training classes"}.get(x_key, x_key))
+    for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(str(exp.get("title", exp.name)), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
