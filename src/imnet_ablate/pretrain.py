@@ -42,7 +42,9 @@ OUTPUTS = ["config.yaml", "metrics.csv", "metrics.json", "checkpoint.pt", "model
 METRICS = ["epoch", "iteration", "loss", "top1", "top5", "val_loss", "lr", "images_per_s"]
 # train.* keys that change how a run is operated, not what it computes: kept out of the folder hash.
 OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_every", "compile")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM: preemption / scontrol requeue / Ctrl-C of a launcher; SIGUSR1: a plain sbatch --signal; SIGUSR2:
+# submitit's time-limit warning (its own handler, called after our checkpoint, requeues the job).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_POLL = 10  # with several processes, agree on a stop every this many steps (each agreement syncs the GPU)
 
 
@@ -223,7 +225,7 @@ def all_sum(values: list[float], ctx: Context) -> list[float]:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGUSR1 into a flag the loop checks at each step boundary (then checkpoints and exits)."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag the loop checks at each step boundary (then checkpoints and exits)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -447,6 +449,9 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
                 if (ctx.world == 1 or it % STOP_POLL == 0) and flag(stop.signum is not None, ctx):
                     save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
                     log.warning("stop signal: checkpointed at iteration %d; rerun the command to resume", it)
+                    previous = stop.previous.get(stop.signum) if stop.signum is not None else None
+                    if ctx.main and callable(previous):  # e.g. submitit's requeue; rank 0 only, once per job
+                        previous(stop.signum, None)
                     raise KeyboardInterrupt
                 if it % int(t.checkpoint_every) == 0:
                     save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
