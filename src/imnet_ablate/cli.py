@@ -117,7 +117,10 @@ def run_hydra(name: str, cmd: Command, overrides: list[str]) -> None:
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=cmd.config)
     def task(cfg: DictConfig) -> str:
+        from .validate import check
+
         try:
+            check(cfg)
             run_dir = resolve_target(cmd.target)(cfg)
         except UserError as e:
             print(f"ablate {name}: error: {e}", file=sys.stderr)

@@ -264,11 +264,6 @@ def log_to(path: Path, enabled: bool):
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------
-def save_torch(path: Path, obj: Any) -> None:
-    with store.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")
@@ -401,7 +396,7 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
             rng = [None] * ctx.world
             dist.all_gather_object(rng, rng_state(dev))
         if ctx.main:
-            save_torch(out / "checkpoint.pt", {
+            store.atomic_torch_save(out / "checkpoint.pt", {
                 "stage_hash": stage.hash, "world": ctx.world, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": rng, "epoch": epoch, "pos": pos, "iteration": it, "history": history, "stats": stats})
@@ -484,7 +479,7 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
         tb.close()
     probe = probe_1k(cfg, model, ctx, autocast, pin) if t.imagenet_1k_probe.enabled else {}
     if ctx.main:
-        save_torch(out / "model.pt", model.state_dict())
+        store.atomic_torch_save(out / "model.pt", model.state_dict())
         final = next(r for r in reversed(history) if r["top1"] != "")
         store.atomic_write_json(out / "metrics.json", {
             "num_classes": num_classes, "train_images": len(train_ds), "val_images": len(val_ds),

@@ -106,6 +106,18 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_torch_save(path: Path | str, obj: Any) -> None:
+    """``torch.save`` made atomic. Serialised in memory first: torch turns a failed write (disk full) into an
+    opaque RuntimeError, while a plain write names the file and the reason."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
 def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -41,7 +41,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from . import datasets, evaluate, models, voc
 from .errors import UserError
 from .loaders import decode
-from .store import Stage, atomic_path, atomic_write_json, atomic_write_text
+from .store import Stage, atomic_torch_save, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "iteration": iteration, "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(path, state)
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
@@ -241,12 +240,11 @@ def linear_probe(stage: Stage, model: models.AlexNetLike, x_train: torch.Tensor,
             feats[split] = torch.load(path, weights_only=True)
         else:
             feats[split] = extract_features(model, x, task.feature, device)
-            with atomic_path(path) as tmp:
-                torch.save(feats[split], tmp)
+            atomic_torch_save(path, feats[split])
     mean, std = feature_stats(feats["trainval"])
     clf = train_linear((feats["trainval"] - mean) / std, targets, weights, task.linear)
-    with atomic_path(stage.path / "checkpoint.pt") as tmp:
-        torch.save({"linear": clf.state_dict(), "mean": mean, "std": std, "iteration": task.linear.iterations}, tmp)
+    atomic_torch_save(stage.path / "checkpoint.pt",
+                      {"linear": clf.state_dict(), "mean": mean, "std": std, "iteration": task.linear.iterations})
     with torch.no_grad():
         return clf((feats["test"] - mean) / std)
 
