@@ -42,15 +42,9 @@ MANIFEST = "manifest.json"
 STALE_TMP_S = 3600.0
 JPEG_QUALITY = 90
 
-# The 20 VOC classes in devkit order and the WordNet synset the authors mapped each to
-# (wmigftl/label_sets/pascal/common_pascal_fine.txt).
-PASCAL_SYNSETS: dict[str, str] = {
-    "aeroplane": "n02691156", "bicycle": "n02834778", "bird": "n01503061", "boat": "n02858304",
-    "bottle": "n02876657", "bus": "n02924116", "car": "n02958343", "cat": "n02121620", "chair": "n03001627",
-    "cow": "n01887787", "diningtable": "n03201208", "dog": "n02084071", "horse": "n02374451",
-    "motorbike": "n03769722", "person": "n00007846", "pottedplant": "n00017222", "sheep": "n02411705",
-    "sofa": "n04256520", "train": "n04468005", "tvmonitor": "n03782006",
-}
+# The 20 VOC classes in devkit order and the WordNet synset the authors mapped each to (shared with the subset
+# builder's `pascal` exclusion).
+PASCAL_SYNSETS: dict[str, str] = wordnet.PASCAL
 # Synsets outside the packaged hierarchy: cow (mature female mammal) -> placental, its WordNet 3.0 first hypernym.
 EXTRA_FIRST_PARENTS = {"n01887787": "n01886756"}
 
