@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,25 +124,32 @@ def test_cli_exit_1_names_offending_paths_and_writes_report(imagenet_tree: Path,
 
     # the subset builder's hook: the unusable files, until one is replaced by a good copy
     assert datacheck.known_bad(imagenet_tree, cache) == UNUSABLE
+    shutil.rmtree(imagenet_tree / "train" / "not_a_class")  # the builder refuses non-wnid folders outright
+    subset = run_ablate("subset", "data=imagenet", f"data.root={imagenet_tree}", f"subset.classes=[{GOOD},{OTHER}]",
+                        f"paths.runs={runs}", f"paths.cache={cache}")
+    assert subset.returncode == 0, subset.stderr
+    listed = {line.split("\t")[0] for line in (run_dir_of(subset) / "train.tsv").read_text().splitlines()[1:]}
+    assert f"train/{GOOD}/good.JPEG" in listed and not listed & UNUSABLE
     write(imagenet_tree / f"train/{GOOD}/empty.JPEG", jpeg_bytes(seed=5))
     assert datacheck.known_bad(imagenet_tree, cache) == UNUSABLE - {f"train/{GOOD}/empty.JPEG"}
 
     changed = run_ablate(*args)  # the tree changed: checked again, into a new stage folder
-    assert changed.returncode == 1 and "3 error(s)" in changed.stderr
+    assert changed.returncode == 1 and "2 error(s)" in changed.stderr  # empty.JPEG replaced, not_a_class removed
     assert str(report_path.parent) not in changed.stderr
 
 
 def test_without_known_bad_drops_files_and_changes_the_checksum(imagenet_tree: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    listing = imagenet.Listing(imagenet_tree, {GOOD: sorted(r for r in IMAGENET_CASES if r.endswith(".JPEG")
-                                                            and f"/{GOOD}/" in r and r.startswith("train"))},
-                               {}, "abc", tmp_path / "listing.tsv")
+    names = sorted(r.split("/")[-1] for r in IMAGENET_CASES
+                   if r.endswith(".JPEG") and r.startswith(f"train/{GOOD}/"))
+    listing = imagenet.Listing(imagenet_tree, {GOOD: imagenet.Files(f"train/{GOOD}/", names)}, {}, "abc",
+                               tmp_path / "listing.tsv")
     assert datacheck.without_known_bad(listing, cache) is listing  # no check yet: unchanged
     scan = datacheck.scan_imagenet(imagenet_tree, "val", flat_val=False)
     findings, _ = datacheck.check_imagenet(scan, check_cfg())
     datacheck.write_known_bad(imagenet_tree, cache, findings, tmp_path / "report.json")
     kept = datacheck.without_known_bad(listing, cache)
-    assert set(listing.train[GOOD]) - set(kept.train[GOOD]) == UNUSABLE
+    assert set(listing.train[GOOD].paths()) - set(kept.train[GOOD].paths()) == UNUSABLE
     assert kept.checksum != listing.checksum
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, store
+from . import datasets, imagenet, store
 from .errors import UserError
 
 WHAT = ("imagenet", "voc", "both")
@@ -469,22 +469,21 @@ def known_bad(imagenet_root: Path | str, cache_dir: Path | str) -> set[str]:
         return set()
 
 
-def without_known_bad(listing: Any, cache_dir: Path | str) -> Any:
+def without_known_bad(listing: imagenet.Listing, cache_dir: Path | str) -> imagenet.Listing:
     """An ``imagenet.Listing`` minus :func:`known_bad`'s files. Its checksum changes only when files are dropped,
     so a subset built from it gets its own stage folder and clean copies keep their hashes."""
     bad = known_bad(listing.root, cache_dir)
-    if not bad:
-        return listing
-
-    def keep(files: dict[str, list[str]]) -> dict[str, list[str]]:
-        return {w: [p for p in paths if p not in bad] for w, paths in files.items()}
-
-    train, val = keep(listing.train), keep(listing.val)
-    dropped = sorted(bad & {p for paths in [*listing.train.values(), *listing.val.values()] for p in paths})
+    dropped = sorted(p for files in [*listing.train.values(), *listing.val.values()] for p in files.paths()
+                     if p in bad)
     if not dropped:
         return listing
+
+    def keep(classes: imagenet.ClassFiles) -> imagenet.ClassFiles:
+        return {w: dataclasses.replace(f, names=[n for n in f.names if f.prefix + n not in bad])
+                for w, f in classes.items()}
+
     checksum = hashlib.sha256("\0".join([listing.checksum, *dropped]).encode()).hexdigest()
-    return dataclasses.replace(listing, train=train, val=val, checksum=checksum)
+    return dataclasses.replace(listing, train=keep(listing.train), val=keep(listing.val), checksum=checksum)
 
 
 # -- the command --------------------------------------------------------------------------------------------------

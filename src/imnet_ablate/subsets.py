@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, imagenet, store, wordnet
+from . import datacheck, datasets, imagenet, store, wordnet
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,11 @@ def _stats(values: list[int]) -> dict[str, float]:
 
 
 def _listing(cfg: DictConfig) -> imagenet.Listing:
+    """The cached listing, minus the files the last `ablate data check` of this root found unusable."""
     data = cfg.data
-    return imagenet.list_imagenet(datasets.resolve(cfg).imagenet, Path(cfg.paths.cache), data.get("train_listing"),
-                                  data.get("val_dir") or "val", data.get("val_labels"))
+    listing = imagenet.list_imagenet(datasets.resolve(cfg).imagenet, Path(cfg.paths.cache), data.get("train_listing"),
+                                     data.get("val_dir") or "val", data.get("val_labels"))
+    return datacheck.without_known_bad(listing, Path(cfg.paths.cache))
 
 
 class Planned(NamedTuple):
