@@ -16,10 +16,10 @@ import functools
 import logging
 import math
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import defusedxml
 import defusedxml.ElementTree as DET
@@ -272,23 +272,25 @@ def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.n
     return ids, np.array(values, np.float64).reshape(-1, n_fields - 1)
 
 
-def read_det_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassDets]:
-    """The ``comp4_det`` files present in ``folder`` (classes without a file are left out of the result)."""
+def _read_results(folder: Path | str, split: str, classes: Iterable[str], path_of: Callable[..., Path],
+                  layout: str, build: Callable[[np.ndarray, np.ndarray], Any]) -> dict[str, Any]:
+    """Every results file of ``classes`` present in ``folder``, parsed by ``layout`` and built into its type."""
     out = {}
     for cls in classes:
-        path = det_results_path(folder, split, cls)
+        path = path_of(folder, split, cls)
         if path.is_file():
-            ids, v = _parse_rows(path, 6, "<image_id> <score> <x1> <y1> <x2> <y2>")
-            out[cls] = ClassDets(np.array(ids, dtype=str), v[:, 0].copy(), v[:, 1:5].copy())
+            ids, values = _parse_rows(path, len(layout.split()), layout)
+            out[cls] = build(np.array(ids, dtype=str), values)
     return out
+
+
+def read_det_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassDets]:
+    """The ``comp4_det`` files present in ``folder`` (classes without a file are left out of the result)."""
+    return _read_results(folder, split, classes, det_results_path, "<image_id> <score> <x1> <y1> <x2> <y2>",
+                         lambda ids, v: ClassDets(ids, v[:, 0].copy(), v[:, 1:5].copy()))
 
 
 def read_cls_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassScores]:
     """The ``comp2_cls`` files present in ``folder`` (classes without a file are left out of the result)."""
-    out = {}
-    for cls in classes:
-        path = cls_results_path(folder, split, cls)
-        if path.is_file():
-            ids, v = _parse_rows(path, 2, "<image_id> <score>")
-            out[cls] = ClassScores(np.array(ids, dtype=str), v[:, 0].copy())
-    return out
+    return _read_results(folder, split, classes, cls_results_path, "<image_id> <score>",
+                         lambda ids, v: ClassScores(ids, v[:, 0].copy()))
