@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,slurm]'
 set +e
-.venv/bin/python -m pytest "$@"
+# One worker per core; each test file stays on one worker (module fixtures such as the SLURM cluster start once).
+.venv/bin/python -m pytest -n auto --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "scripts/test.sh: pytest collected no tests; that is a failure" >&2
