@@ -104,6 +104,15 @@ def test_lock_of_a_killed_process_is_taken_over_at_once(tmp_path):
     assert time.time() - started < 1
 
 
+def test_taking_the_lock_removes_temporaries_of_a_killed_writer(tmp_path):
+    stage = Stage(tmp_path, "kind", "name", {})
+    stage.path.mkdir(parents=True)
+    (stage.path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (stage.path / "checkpoint.pt").write_bytes(b"the last good one")
+    with stage.lock(wait=False):
+        assert [p.name for p in stage.path.iterdir() if p.name != LOCK] == ["checkpoint.pt"]
+
+
 def test_lock_from_another_host_waits_until_its_heartbeat_stops(tmp_path):
     stage = Stage(tmp_path, "kind", "name", {})
     stage.path.mkdir(parents=True)

@@ -228,6 +228,9 @@ class Stage:
             time.sleep(poll_s)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(me).encode())
+        for orphan in self.path.glob(".*.tmp"):  # left by a writer killed mid-write; nobody else writes here now
+            with contextlib.suppress(OSError):
+                orphan.unlink()
         stop = threading.Event()
 
         def heartbeat() -> None:
