@@ -198,16 +198,20 @@ def copy_stages(src: Path, dst: Path, *kinds: str) -> None:
         shutil.copytree(src / kind, dst / kind)
 
 
+def redo(kind: str) -> Callable[[Path], Path]:
+    """A campaign's restart: remove the finished stage of ``kind`` so the next kill hits real work again."""
+    def restart(runs: Path) -> Path:
+        shutil.rmtree(runs / kind)
+        return runs / kind
+    return restart
+
+
 def test_kill_subset(tiny: dict, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     ref = stage_dir(tiny["runs"], "subset")
 
-    def restart(r: Path) -> Path:
-        shutil.rmtree(r / "subset")
-        return r / "subset"
-
     c = Campaign("subset", ["subset", *overrides(tiny, runs, SUBSET)], runs, tiny["times"]["subset"],
-                 lambda r: assert_same_subset(ref, stage_dir(r, "subset")), restart)
+                 lambda r: assert_same_subset(ref, stage_dir(r, "subset")), redo("subset"))
     FAULTS["subset"] = c.run(KILLS_PER_COMMAND, tmp_path / "log.txt")
 
 
@@ -215,12 +219,8 @@ def test_kill_pretrain(tiny: dict, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     ref = stage_dir(tiny["runs"], "pretrain")
 
-    def restart(r: Path) -> Path:
-        shutil.rmtree(r / "pretrain")
-        return r / "pretrain"
-
     c = Campaign("pretrain", ["pretrain", *overrides(tiny, runs)], runs, tiny["times"]["pretrain"],
-                 lambda r: assert_same_pretrain(ref, stage_dir(r, "pretrain")), restart)
+                 lambda r: assert_same_pretrain(ref, stage_dir(r, "pretrain")), redo("pretrain"))
     FAULTS["pretrain"] = c.run(KILLS_PER_COMMAND, tmp_path / "log.txt")
     assert_same_subset(stage_dir(tiny["runs"], "subset"), stage_dir(runs, "subset"))
 
@@ -230,12 +230,8 @@ def test_kill_transfer(tiny: dict, tmp_path: Path) -> None:
     copy_stages(tiny["runs"], runs, "subset", "pretrain")  # a shared, finished pre-training
     ref = stage_dir(tiny["runs"], "transfer")
 
-    def restart(r: Path) -> Path:
-        shutil.rmtree(r / "transfer")
-        return r / "transfer"
-
     c = Campaign("transfer", ["transfer", *overrides(tiny, runs), *FINETUNE], runs, tiny["times"]["transfer"],
-                 lambda r: assert_same_transfer(ref, stage_dir(r, "transfer")), restart)
+                 lambda r: assert_same_transfer(ref, stage_dir(r, "transfer")), redo("transfer"))
     FAULTS["transfer"] = c.run(KILLS_PER_COMMAND, tmp_path / "log.txt")
 
 
