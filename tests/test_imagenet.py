@@ -1,13 +1,16 @@
 """Listing an ImageNet tree: content, the cache and its invalidation, listing/label files, bad trees."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from imnet_ablate.errors import UserError
-from imnet_ablate.imagenet import image_names, list_imagenet
+from imnet_ablate.imagenet import Listed, image_names, list_imagenet
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -151,3 +154,48 @@ def test_unreadable_folder_is_named(tmp_path):
     finally:
         locked.chmod(0o755)
     assert not (tmp_path / "cache").exists()
+
+
+FORKED_LISTING = """
+import json, sys
+from pathlib import Path
+from imnet_ablate import imagenet
+from imnet_ablate.errors import UserError
+assert imagenet._can_fork(), "expected a single-threaded process"
+folders = sorted(Path(sys.argv[1]).iterdir())
+try:
+    listed = imagenet.list_folders(folders, workers=3)
+except UserError as e:
+    sys.exit(f"UserError: {e}")
+print(json.dumps([[x.names, x.line.hex(), x.digest.hex()] for x in listed]))
+"""
+
+
+def _forked_listing(root: Path) -> subprocess.CompletedProcess:
+    """``list_folders`` with 3 forked listers, in a fresh process: pytest-xdist's workers run threads, where the
+    listing (rightly) stays in one process."""
+    return subprocess.run([sys.executable, "-c", FORKED_LISTING, str(root)], capture_output=True, text=True)
+
+
+def test_forked_listing_matches_one_process(tmp_path):
+    for i in range(40):  # sizes 0..39, so the listers' shares differ; non-ASCII and undecodable names
+        folder = tmp_path / f"n{i:08d}"
+        folder.mkdir()
+        for j in range(i):
+            (folder / f"n{i:08d}_{j}.JPEG").touch()
+    (tmp_path / "n00000007" / "café.JPEG").touch()
+    os.close(os.open(os.path.join(os.fsencode(tmp_path / "n00000008"), b"\xff.JPEG"), os.O_CREAT | os.O_WRONLY))
+    run = _forked_listing(tmp_path)
+    assert run.returncode == 0, run.stderr
+    one = [Listed.of(image_names(f)) for f in sorted(tmp_path.iterdir())]
+    assert json.loads(run.stdout) == [[x.names, x.line.hex(), x.digest.hex()] for x in one]
+    assert one[0].names == [] and "café.JPEG" in one[7].names and "\udcff.JPEG" in one[8].names
+
+
+def test_forked_lister_errors_are_raised_with_their_file(tmp_path):
+    for i in range(40):
+        (tmp_path / f"n{i:08d}").mkdir()
+    bad = tmp_path / "n00000035" / "a\tb.JPEG"  # in a forked lister's share (the folders are dealt round-robin)
+    bad.touch()
+    run = _forked_listing(tmp_path)
+    assert run.returncode == 1 and f"UserError: {bad}: file name contains a tab" in run.stderr

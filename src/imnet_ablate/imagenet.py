@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # The same test run by the regex engine over a folder's NUL-joined names: no Python work per file (names cannot hold
 # NUL). Entries are not stat'ed: anything named like an image is taken as one, as ImageFolder does.
 _IMAGES_IN = re.compile(r"(?<![^\0])[^.\0][^\0]*\.(?:jpe?g|png|ppm|bmp|pgm|tiff?|webp)(?![^\0])", re.IGNORECASE)
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,23 @@ class Listing:
     root: Path
     train: ClassFiles
     val: ClassFiles
-    checksum: str  # SHA-256 of the listing's content (paths and wnids), recorded in subset manifests
+    checksum: str  # SHA-256 of the listing's content (paths and wnids; see _save), recorded in subset manifests
     cache_file: Path
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A class's sorted image names with their cache line and its SHA-256, made where the class was listed (in a
+    forked lister, which sends only bytes)."""
+
+    names: list[str]
+    line: bytes  # the names TAB-joined (names hold neither TAB nor newline), UTF-8
+    digest: bytes
+
+    @classmethod
+    def of(cls, names: list[str]) -> Listed:
+        line = "\t".join(names).encode("utf-8", "surrogateescape")
+        return cls(names, line, hashlib.sha256(line).digest())
 
 
 def _unreadable(path: Path, e: OSError) -> UserError:
@@ -105,9 +119,89 @@ def image_names(folder: Path) -> list[str]:
     return names
 
 
-def scan_folders(folders: Iterable[os.DirEntry], sub: str) -> ClassFiles:
-    """The image files of each ``<sub>/<wnid>/`` folder."""
-    return {d.name: Files(f"{sub}/{d.name}/", image_names(Path(d.path))) for d in folders}
+def _can_fork() -> bool:
+    """Forking is safe only while this process has a single thread (a forked copy of another thread's held lock
+    never unlocks); ``/proc/self/task`` counts the threads libraries start, not only Python's."""
+    try:
+        return hasattr(os, "fork") and len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _fork_lister(folders: list[Path]) -> tuple[int, int]:
+    """A child process that lists ``folders`` and writes to a pipe ``O``, each folder's ``Listed.digest``, then
+    their ``Listed.line`` newline-joined; or ``E`` and a UserError's message."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        return pid, read_fd
+    status = 1
+    try:  # the child: no logging, no atexit handlers, no flushing of inherited buffers
+        os.close(read_fd)
+        try:
+            listed = [Listed.of(image_names(f)) for f in folders]
+            out = b"".join([b"O", *(x.digest for x in listed), b"\n".join(x.line for x in listed)])
+        except UserError as e:
+            out = b"E" + str(e).encode("utf-8", "surrogateescape")
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(out)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _collect(pid: int, read_fd: int, folders: list[Path]) -> list[Listed]:
+    with os.fdopen(read_fd, "rb") as pipe:
+        out = pipe.read()
+    os.waitpid(pid, 0)
+    if out[:1] == b"E":
+        raise UserError(out[1:].decode("utf-8", "surrogateescape"))
+    if out[:1] != b"O":  # the child died: list its share here, which raises the real error if there is one
+        return [Listed.of(image_names(f)) for f in folders]
+    n = len(folders)
+    lines = out[1 + 32 * n:].split(b"\n")
+    return [Listed(line.decode("utf-8", "surrogateescape").split("\t") if line else [], line,
+                   out[1 + 32 * i:33 + 32 * i]) for i, line in enumerate(lines)]
+
+
+def list_folders(folders: list[Path], workers: int | None = None) -> list[Listed]:
+    """The image names of each folder, the folders split over one forked process per core. Most of a scan is the
+    kernel's readdir, which runs in parallel over folders (and so does waiting on a network filesystem); a child
+    also encodes and hashes its share, and sends it as bytes, not as pickled lists. Runs in this process alone when
+    it cannot fork."""
+    workers = min(workers or os.cpu_count() or 1, 16, len(folders))
+    if workers < 2 or len(folders) < 32 or not _can_fork():
+        return [Listed.of(image_names(f)) for f in folders]
+    chunks = [folders[i::workers] for i in range(workers)]  # dealt round-robin: big and small folders mix
+    children = [(*_fork_lister(chunk), chunk) for chunk in chunks[1:]]
+    try:
+        results: list[list[Listed] | UserError] = [[Listed.of(image_names(f)) for f in chunks[0]]]
+    finally:  # collect every child, even after an error here, so none is left waiting on a full pipe
+        for pid, read_fd, chunk in children:
+            try:
+                results.append(_collect(pid, read_fd, chunk))
+            except UserError as e:
+                results.append(e)
+    out: list[Listed] = [Listed([], b"", b"")] * len(folders)
+    for i, r in enumerate(results):
+        if isinstance(r, UserError):
+            raise r
+        out[i::workers] = r
+    return out
+
+
+Scan = dict[str, tuple[str, Listed]]  # wnid -> (folder prefix, its files)
+
+
+def scan_folders(*splits: tuple[list[os.DirEntry], str]) -> list[Scan]:
+    """The image files of each ``<sub>/<wnid>/`` folder, for each ``(folders, sub)``: one parallel listing."""
+    listed = iter(list_folders([Path(d.path) for folders, _ in splits for d in folders]))
+    return [{d.name: (f"{sub}/{d.name}/", next(listed)) for d in folders} for folders, sub in splits]
+
+
+def _scan_of(files: ClassFiles) -> Scan:
+    return {wnid: (f.prefix, Listed.of(f.names)) for wnid, f in files.items()}
 
 
 def read_train_listing(listing: Path) -> ClassFiles:
@@ -162,37 +256,29 @@ def read_flat_val(root: Path, val: Path, labels: Path) -> ClassFiles:
     return {w: Files(f"{rel}/", sorted(names)) for w, names in sorted(out.items())}
 
 
-def _checksum(train: ClassFiles, val: ClassFiles) -> str:
-    h = hashlib.sha256()
-    for split, files in (("train", train), ("val", val)):
-        for wnid, f in files.items():
-            h.update(f"{split}\t{wnid}\t{f.prefix}\t".encode())
-            h.update("\t".join(f.names).encode())
-            h.update(b"\n")
-    return h.hexdigest()
-
-
-def _write_cache(path: Path, root: Path, train: ClassFiles, val: ClassFiles, checksum: str) -> None:
-    def lines() -> Iterable[str]:
-        yield f"# imnet-ablate listing v{CACHE_VERSION}\t{checksum}\t{root}\n"
-        for split, files in (("train", train), ("val", val)):
-            for wnid, f in files.items():
-                yield "\t".join([split, wnid, f.prefix, *f.names]) + "\n"
-
-    with store.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines())
+def _save(path: Path, root: Path, train: Scan, val: Scan) -> tuple[str, ClassFiles, ClassFiles]:
+    """Writes the cache: a header with the checksum, then ``<split> TAB <wnid> TAB <prefix> TAB <line>`` per class.
+    The checksum is the SHA-256 of the same rows with each line replaced by its digest, so the listers hash their
+    own share in parallel and the result does not depend on how many there were."""
+    rows = [(f"{split}\t{wnid}\t{prefix}\t".encode("utf-8", "surrogateescape"), listed)
+            for split, scan in (("train", train), ("val", val)) for wnid, (prefix, listed) in scan.items()]
+    checksum = hashlib.sha256(b"".join(b"%s%s\n" % (head, x.digest) for head, x in rows)).hexdigest()
+    header = f"# imnet-ablate listing v{CACHE_VERSION}\t{checksum}\t{root}\n".encode("utf-8", "surrogateescape")
+    store.atomic_write_bytes(path, b"".join([header, *(b"%s%s\n" % (head, x.line) for head, x in rows)]))
+    files = [{wnid: Files(prefix, x.names) for wnid, (prefix, x) in scan.items()} for scan in (train, val)]
+    return checksum, *files
 
 
 def _read_cache(path: Path) -> tuple[str, ClassFiles, ClassFiles] | None:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             header = f.readline().rstrip("\n").split("\t")
             if header[0] != f"# imnet-ablate listing v{CACHE_VERSION}":
                 return None
             out: dict[str, ClassFiles] = {"train": {}, "val": {}}
             for line in f:
                 split, wnid, prefix, *names = line.rstrip("\n").split("\t")
-                out[split][wnid] = Files(prefix, names)
+                out[split][wnid] = Files(prefix, names if names != [""] else [])
     except (OSError, ValueError, KeyError, IndexError):
         return None
     return header[1], out["train"], out["val"]
@@ -237,11 +323,11 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
         return Listing(root, train_files, val_files, checksum, cache_file)
 
     log.info("listing %s (first time; cached in %s)", root, cache_file)
-    train_files = read_train_listing(listing_file) if train_listing else scan_folders(train_dirs, "train")
+    val_sub = val.relative_to(root).as_posix()
+    *train_scan, val_scan = scan_folders(*([] if train_listing else [(train_dirs, "train")]), (val_dirs, val_sub))
+    if train_listing:
+        train_scan = [_scan_of(read_train_listing(listing_file))]
     if val_labels:
-        val_files = read_flat_val(root, val, labels_file)
-    else:
-        val_files = scan_folders(val_dirs, val.relative_to(root).as_posix())
-    checksum = _checksum(train_files, val_files)
-    _write_cache(cache_file, root, train_files, val_files, checksum)
+        val_scan = _scan_of(read_flat_val(root, val, labels_file))
+    checksum, train_files, val_files = _save(cache_file, root, train_scan[0], val_scan)
     return Listing(root, train_files, val_files, checksum, cache_file)
