@@ -72,7 +72,6 @@ def step(name: str, root: Path, cache: Path, runs: Path) -> dict:
 
         listing, wall, cpu = timed(lambda: list_imagenet(root, cache))
         return {"seconds": wall, "cpu": cpu, "images": sum(map(len, listing.train.values())), "peak_mib": peak_mib()}
-    import torch  # noqa: F401  (store.provenance imports it; counted in the CLI timing, not here)
     from hydra import compose, initialize_config_dir
 
     from imnet_ablate import subsets

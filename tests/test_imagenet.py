@@ -161,7 +161,8 @@ import json, sys
 from pathlib import Path
 from imnet_ablate import imagenet
 from imnet_ablate.errors import UserError
-assert imagenet._can_fork(), "expected a single-threaded process"
+from imnet_ablate import forked
+assert forked.can_fork(), "expected a single-threaded process"
 folders = sorted(Path(sys.argv[1]).iterdir())
 try:
     listed = imagenet.list_folders(folders, workers=3)

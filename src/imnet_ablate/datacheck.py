@@ -473,6 +473,8 @@ def without_known_bad(listing: imagenet.Listing, cache_dir: Path | str) -> image
     """An ``imagenet.Listing`` minus :func:`known_bad`'s files. Its checksum changes only when files are dropped,
     so a subset built from it gets its own stage folder and clean copies keep their hashes."""
     bad = known_bad(listing.root, cache_dir)
+    if not bad:
+        return listing
     dropped = sorted(p for files in [*listing.train.values(), *listing.val.values()] for p in files.paths()
                      if p in bad)
     if not dropped:

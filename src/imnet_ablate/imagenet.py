@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import store
+from . import forked, store
 from .errors import UserError
 from .wordnet import WNID
 
@@ -119,76 +119,24 @@ def image_names(folder: Path) -> list[str]:
     return names
 
 
-def _can_fork() -> bool:
-    """Forking is safe only while this process has a single thread (a forked copy of another thread's held lock
-    never unlocks); ``/proc/self/task`` counts the threads libraries start, not only Python's."""
-    try:
-        return hasattr(os, "fork") and len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
+def _list(folder: Path) -> Listed:
+    return Listed.of(image_names(folder))
 
 
-def _fork_lister(folders: list[Path]) -> tuple[int, int]:
-    """A child process that lists ``folders`` and writes to a pipe ``O``, each folder's ``Listed.digest``, then
-    their ``Listed.line`` newline-joined; or ``E`` and a UserError's message."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        return pid, read_fd
-    status = 1
-    try:  # the child: no logging, no atexit handlers, no flushing of inherited buffers
-        os.close(read_fd)
-        try:
-            listed = [Listed.of(image_names(f)) for f in folders]
-            out = b"".join([b"O", *(x.digest for x in listed), b"\n".join(x.line for x in listed)])
-        except UserError as e:
-            out = b"E" + str(e).encode("utf-8", "surrogateescape")
-        with os.fdopen(write_fd, "wb") as pipe:
-            pipe.write(out)
-        status = 0
-    finally:
-        os._exit(status)
+def _list_bytes(folder: Path) -> bytes:
+    listed = _list(folder)
+    return listed.digest + listed.line
 
 
-def _collect(pid: int, read_fd: int, folders: list[Path]) -> list[Listed]:
-    with os.fdopen(read_fd, "rb") as pipe:
-        out = pipe.read()
-    os.waitpid(pid, 0)
-    if out[:1] == b"E":
-        raise UserError(out[1:].decode("utf-8", "surrogateescape"))
-    if out[:1] != b"O":  # the child died: list its share here, which raises the real error if there is one
-        return [Listed.of(image_names(f)) for f in folders]
-    n = len(folders)
-    lines = out[1 + 32 * n:].split(b"\n")
-    return [Listed(line.decode("utf-8", "surrogateescape").split("\t") if line else [], line,
-                   out[1 + 32 * i:33 + 32 * i]) for i, line in enumerate(lines)]
+def _from_bytes(folder: Path, data: bytes) -> Listed:
+    line = data[32:]
+    return Listed(line.decode("utf-8", "surrogateescape").split("\t") if line else [], line, data[:32])
 
 
 def list_folders(folders: list[Path], workers: int | None = None) -> list[Listed]:
-    """The image names of each folder, the folders split over one forked process per core. Most of a scan is the
-    kernel's readdir, which runs in parallel over folders (and so does waiting on a network filesystem); a child
-    also encodes and hashes its share, and sends it as bytes, not as pickled lists. Runs in this process alone when
-    it cannot fork."""
-    workers = min(workers or os.cpu_count() or 1, 16, len(folders))
-    if workers < 2 or len(folders) < 32 or not _can_fork():
-        return [Listed.of(image_names(f)) for f in folders]
-    chunks = [folders[i::workers] for i in range(workers)]  # dealt round-robin: big and small folders mix
-    children = [(*_fork_lister(chunk), chunk) for chunk in chunks[1:]]
-    try:
-        results: list[list[Listed] | UserError] = [[Listed.of(image_names(f)) for f in chunks[0]]]
-    finally:  # collect every child, even after an error here, so none is left waiting on a full pipe
-        for pid, read_fd, chunk in children:
-            try:
-                results.append(_collect(pid, read_fd, chunk))
-            except UserError as e:
-                results.append(e)
-    out: list[Listed] = [Listed([], b"", b"")] * len(folders)
-    for i, r in enumerate(results):
-        if isinstance(r, UserError):
-            raise r
-        out[i::workers] = r
-    return out
+    """The image names of each folder, over one forked process per core: most of a scan is the kernel's readdir
+    and the sorting of names, which run in parallel over folders (and so does waiting on a network filesystem)."""
+    return forked.map_forked(folders, _list, _list_bytes, _from_bytes, workers)
 
 
 Scan = dict[str, tuple[str, Listed]]  # wnid -> (folder prefix, its files)
