@@ -87,6 +87,16 @@ def test_files_dataset_skips_and_reports_unreadable_images(tmp_path, picture: np
     assert images.shape == (1, 3, 24, 24) and labels.tolist() == [0] and bad == ["bad.JPEG", "missing.JPEG"]
 
 
+def test_collate_stacks_channel_last_crops_as_channels_last() -> None:
+    hwc = torch.randint(0, 256, (2, 40, 50, 3), dtype=torch.uint8)
+    crops = [(hwc[i].permute(2, 0, 1)[:, 3:27, 5:29], i, f"{i}") for i in range(2)]  # views, as the packed path
+    images, labels, bad = loaders.collate(crops)
+    assert torch.equal(images, torch.stack([c.contiguous() for c, _, _ in crops])) and labels.tolist() == [0, 1]
+    assert images.is_contiguous(memory_format=torch.channels_last) and bad == []
+    planar = loaders.collate([(c.contiguous(), i, p) for c, i, p in crops])[0]  # the files path's CHW decode
+    assert torch.equal(planar, images) and planar.is_contiguous()
+
+
 def test_batches_do_not_depend_on_worker_count(tmp_path, picture: np.ndarray) -> None:
     paths = []
     for i in range(12):
