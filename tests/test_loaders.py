@@ -97,12 +97,21 @@ def test_collate_stacks_channel_last_crops_as_channels_last() -> None:
     assert torch.equal(planar, images) and planar.is_contiguous()
 
 
-def test_batches_do_not_depend_on_worker_count(tmp_path, picture: np.ndarray) -> None:
+class ChannelLast(loaders.FilesDataset):
+    """Images laid out as simplejpeg decodes them (HWC memory seen as CHW), which collate stacks as NHWC."""
+
+    def __getitem__(self, key: loaders.Key) -> tuple[torch.Tensor | None, int, str]:
+        img, label, path = super().__getitem__(key)
+        return img.permute(1, 2, 0).contiguous().permute(2, 0, 1), label, path
+
+
+@pytest.mark.parametrize("dataset", [loaders.FilesDataset, ChannelLast])
+def test_batches_do_not_depend_on_worker_count(tmp_path, picture: np.ndarray, dataset: type) -> None:
     paths = []
     for i in range(12):
         (tmp_path / f"{i}.JPEG").write_bytes(jpeg(np.roll(picture, i, axis=1)))
         paths.append(f"{i}.JPEG")
-    ds = loaders.FilesDataset(tmp_path, paths, list(range(12)), loaders.Transform(24, 32, "crop"))
+    ds = dataset(tmp_path, paths, list(range(12)), loaders.Transform(24, 32, "crop"))
 
     def batches(workers: int) -> list[torch.Tensor]:
         cfg = OmegaConf.create({"num_workers": workers, "persistent_workers": False, "prefetch_factor": 2})
