@@ -25,6 +25,13 @@ def test_cpu_seconds_counts_live_children():
         child.wait()
 
 
+def test_round_ratio_is_the_median_of_within_round_ratios():
+    base = [(100, 1.0, 1.0), (100, 2.0, 2.0), (100, 1.0, 4.0)]  # the machine slows down, then recovers
+    fast = [(100, 0.5, 0.25), (100, 1.0, 0.5), (100, 0.5, 1.0)]  # always 4x the images per CPU-second
+    assert bench.round_ratio(fast, base) == 4.0 and bench.round_ratio(fast, base, column=1) == 2.0
+    assert bench.summary(base)["img_per_cpu_s"] == 50.0
+
+
 def test_append_doc_writes_only_its_section(tmp_path: Path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Pre-training\n\nkeep me\n")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import io
+import random
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -52,7 +54,7 @@ def test_augmentation_is_a_function_of_the_seed(picture: np.ndarray) -> None:
 
 def test_caffe_crop_is_a_window_of_the_resized_image_or_its_mirror(picture: np.ndarray) -> None:
     img = torch.from_numpy(picture).permute(2, 0, 1).contiguous()
-    out = loaders.train_augment(img, 20, 30, "crop", torch.Generator().manual_seed(3))
+    out = loaders.train_augment(img, 20, 30, "crop", random.Random(3))
     windows = [img[:, t:t + 20, l:l + 20] for t in range(11) for l in range(21)]
     assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
 
@@ -95,6 +97,15 @@ def test_collate_stacks_channel_last_crops_as_channels_last() -> None:
     assert images.is_contiguous(memory_format=torch.channels_last) and bad == []
     planar = loaders.collate([(c.contiguous(), i, p) for c, i, p in crops])[0]  # the files path's CHW decode
     assert torch.equal(planar, images) and planar.is_contiguous()
+
+
+@pytest.mark.parametrize("box", [(10, 20, 180, 200), (0, 0, 256, 341), (5, 7, 50, 40)])
+def test_resize_matches_torchvision_for_both_layouts(box: tuple[int, int, int, int]) -> None:
+    hwc = torch.randint(0, 256, (256, 341, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    top, left, h, w = box
+    expected = TF.resized_crop(hwc.permute(2, 0, 1).contiguous(), top, left, h, w, [224, 224], antialias=True)
+    for img in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):  # simplejpeg's layout, planar
+        assert torch.equal(loaders._resize_square(img[:, top:top + h, left:left + w], 224), expected)
 
 
 class ChannelLast(loaders.FilesDataset):

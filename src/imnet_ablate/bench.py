@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import platform
 import statistics
@@ -116,19 +117,45 @@ def count_images(batch: object) -> int:
     return len(first)
 
 
-def time_epochs(make_iter: Callable[[], Iterable], repeats: int, consume: Callable = count_images) -> dict:
-    """One warm-up epoch (workers start, page cache fills), then ``repeats`` timed epochs; medians."""
-    for batch in make_iter():
-        consume(batch)
-    runs = []
+Pipeline = tuple[Callable[[], Iterable], Callable]  # (a new epoch's iterator, batch -> images in it)
+Run = tuple[int, float, float]  # images, wall seconds, CPU seconds of one epoch
+
+
+def time_rounds(pipelines: dict[str, Pipeline], repeats: int) -> dict[str, list[Run]]:
+    """One warm-up epoch of each pipeline (workers start, page cache fills), then ``repeats`` rounds that time one
+    epoch of each in turn. On a shared machine whose speed drifts, every pipeline of a round sees the same drift,
+    so ratios are taken within rounds (:func:`round_ratio`)."""
+    for make_iter, consume in pipelines.values():
+        for batch in make_iter():
+            consume(batch)
+    runs: dict[str, list[Run]] = {name: [] for name in pipelines}
     for _ in range(repeats):
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        n = sum(consume(batch) for batch in make_iter())
-        runs.append((n, time.perf_counter() - t0, cpu_seconds() - c0))
+        for name, (make_iter, consume) in pipelines.items():
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            n = sum(consume(batch) for batch in make_iter())
+            runs[name].append((n, time.perf_counter() - t0, cpu_seconds() - c0))
+    return runs
+
+
+def summary(runs: list[Run]) -> dict:
+    """Medians over the timed epochs."""
     n = runs[0][0]
     wall, cpu = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
     return {"images": n, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "img_per_s": round(n / wall, 1),
             "img_per_cpu_s": round(n / max(cpu, 1e-9), 1)}
+
+
+def round_ratio(runs: list[Run], base: list[Run], column: int = 2) -> float:
+    """Median over rounds of images per CPU-second (``column=2``; 1: per wall second) of ``runs`` over ``base``."""
+    def rate(run: Run) -> float:
+        return run[0] / max(run[column], 1e-9)  # a tiny run can take less than a clock tick of CPU
+
+    return round(statistics.median(rate(a) / rate(b) for a, b in zip(runs, base)), 2)
+
+
+def time_epochs(make_iter: Callable[[], Iterable], repeats: int, consume: Callable = count_images) -> dict:
+    """:func:`summary` of one pipeline timed alone."""
+    return summary(time_rounds({"": (make_iter, consume)}, repeats)[""])
 
 
 # -- loader variants --------------------------------------------------------------------------------------------
@@ -184,19 +211,32 @@ def gpu_decode_consumer(transform: loaders.Transform, device: str) -> Callable:
     return consume
 
 
-def decode_crop_alone(store: pack.PackedStore, transform: loaders.Transform, n: int) -> dict:
-    """The floor: decode + augment in one process with no loader around it (one thread, like a worker)."""
-    def epoch() -> Iterable[int]:
-        for i in range(n):
-            transform(pack.decode(store.read(i)), loaders.aug_seed(0, 0, i))
-            yield 1
-
-    threads = torch.get_num_threads()
+def _decode_share(job: tuple[pack.PackedStore, loaders.Transform, range]) -> int:
+    """One process's share of the floor: decode + augment with one thread, no loader around it."""
+    store, transform, indices = job
     torch.set_num_threads(1)
-    try:
-        return time_epochs(lambda: [sum(epoch())], 1, consume=lambda k: k)
-    finally:
-        torch.set_num_threads(threads)
+    for i in indices:
+        transform(pack.decode(store.read(i)), loaders.aug_seed(0, 0, i))
+    return len(indices)
+
+
+def decode_crop_alone(store: pack.PackedStore, transform: loaders.Transform, n: int,
+                      pool: multiprocessing.pool.Pool | None) -> Callable[[], Iterable]:
+    """The floor of a loader: the same decode + augment, without the loader, in as many processes at once as the
+    loader has workers (``pool``; None: in this process, for ``bench.workers=0``). Equal process counts keep the
+    comparison fair on SMT machines, where two busy hardware threads of a core each run slower than one alone."""
+    processes = pool._processes if pool is not None else 1  # type: ignore[attr-defined]
+    jobs = [(store, transform, range(k, n, processes)) for k in range(processes)]
+
+    def epoch() -> Iterable[int]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield sum(pool.map(_decode_share, jobs)) if pool is not None else _decode_share(jobs[0])
+        finally:
+            torch.set_num_threads(threads)
+
+    return epoch
 
 
 def litdata_loader(store: pack.PackedStore, out: Path, transform: loaders.Transform, batch: int, workers: int
@@ -306,41 +346,54 @@ def prepare(cfg: DictConfig) -> tuple[Path, pack.PackedStore]:
     return root, pack.PackedStore(pack.ensure(root, listing, Path(cfg.pack.root), cfg.pack))
 
 
-def bench_loaders(cfg: DictConfig, root: Path, store: pack.PackedStore) -> list[dict]:
+def bench_loaders(cfg: DictConfig, root: Path, store: pack.PackedStore
+                  ) -> tuple[list[dict], dict[str, list[Run]]]:
+    """Every input pipeline on the same images and output size, timed in interleaved rounds (:func:`time_rounds`);
+    each row's ``vs_reference`` is the median within-round ratio of images per CPU-second to the reference."""
     b = cfg.bench
     size, batch, workers = int(b.size), int(b.batch_size), int(b.workers)
     paths = store.paths()
     labels = [0] * len(paths)
     idx = np.arange(len(store))
     rrc, crop = loaders.Transform(size, size, "resized_crop"), loaders.Transform(size, 256, "crop")
-    rows = []
+    pipelines: dict[str, Pipeline] = {}
+    notes: dict[str, str] = {}
 
-    def add(name: str, result: dict | None, note: str) -> None:
-        rows.append({"pipeline": name, **(result or {}), "note": note})
-        log.info("%s: %s", name, result or note)
+    def add(name: str, loader: Iterable | Callable[[], Iterable], note: str, consume: Callable = count_images) -> None:
+        pipelines[name] = (loader if callable(loader) else (lambda: loader), consume)
+        notes[name] = note
 
-    ref = reference_loader(root, len(store), size, batch, workers)
-    add("reference", time_epochs(lambda: ref, b.repeats),
+    add("reference", reference_loader(root, len(store), size, batch, workers),
         "ImageFolder+PIL+RandomResizedCrop+flip+ToTensor+Normalize, float32")
-    files = loaders.FilesDataset(root, paths, labels, rrc)
-    files_loader = _keyed(files, batch, workers)
-    add("files", time_epochs(lambda: files_loader, b.repeats),
+    add("files", _keyed(loaders.FilesDataset(root, paths, labels, rrc), batch, workers),
         "original files, loaders.decode + RandomResizedCrop on uint8")
+    # The floors' processes, started like DataLoader workers (the default start method) and before the clock.
+    pool = multiprocessing.get_context().Pool(workers) if workers else None
     for tf, what in ((rrc, "RandomResizedCrop"), (crop, "Caffe random crop")):
-        packed_loader = _keyed(pack.PackedDataset(store, idx, labels, paths, tf), batch, workers)
-        add(f"packed ({tf.mode})", time_epochs(lambda ld=packed_loader: ld, b.repeats),
+        add(f"packed ({tf.mode})", _keyed(pack.PackedDataset(store, idx, labels, paths, tf), batch, workers),
             f"store at {store_side(store)}px, {what} on uint8")
-        add(f"decode+{tf.mode} alone", decode_crop_alone(store, tf, len(store)), "one process, no DataLoader")
+        add(f"decode+{tf.mode} alone", decode_crop_alone(store, tf, len(store), pool),
+            f"{max(workers, 1)} process(es) at once, no DataLoader", consume=lambda k: k)
     lit = litdata_loader(store, Path(cfg.paths.cache) / "bench" / f"litdata-{store.folder.name}", rrc, batch,
                          workers) if b.litdata else None
-    add("litdata (resized_crop)", time_epochs(lambda: lit, b.repeats) if lit else None,
-        "same stored bytes, same decode + crop" if lit else "off or not installed (pip install litdata)")
+    if lit is not None:
+        add("litdata (resized_crop)", lit, "same stored bytes, same decode + crop")
     device = _device(cfg)
     if b.gpu_decode == "force" or (b.gpu_decode == "auto" and device.type == "cuda"):
-        raw = _keyed(PackedBytes(store, idx), batch, workers, collate=list)
-        add(f"packed-{device.type}-decode", time_epochs(lambda: raw, b.repeats,
-            consume=gpu_decode_consumer(rrc, device.type)), "batched decode_jpeg(device) + RandomResizedCrop")
-    return rows
+        add(f"packed-{device.type}-decode", _keyed(PackedBytes(store, idx), batch, workers, collate=list),
+            "batched decode_jpeg(device) + RandomResizedCrop", consume=gpu_decode_consumer(rrc, device.type))
+    try:
+        runs = time_rounds(pipelines, int(b.repeats))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    rows = [{"pipeline": name, **summary(r), "vs_reference": round_ratio(r, runs["reference"]), "note": notes[name]}
+            for name, r in runs.items()]
+    if lit is None:
+        rows.append({"pipeline": "litdata (resized_crop)", "note": "off or not installed (pip install litdata)"})
+    for row in rows:
+        log.info("%s", row)
+    return rows, runs
 
 
 def store_side(store: pack.PackedStore) -> int:
@@ -348,7 +401,7 @@ def store_side(store: pack.PackedStore) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["pipeline", "images", "wall_s", "cpu_s", "img_per_s", "img_per_cpu_s", "note"]
+    cols = ["pipeline", "images", "wall_s", "cpu_s", "img_per_s", "img_per_cpu_s", "vs_reference", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -387,12 +440,13 @@ def run(cfg: DictConfig) -> Path:
     torch.set_num_threads(max(1, int(cfg.bench.threads) or (os.cpu_count() or 1)))
     device = _device(cfg)
     rows: list[dict] = []
+    runs: dict[str, list[Run]] = {}  # per-round (images, wall s, CPU s) of the loader pipelines
     ratio = None
     if what == "loader":
         root, store = prepare(cfg)
-        rows = bench_loaders(cfg, root, store)
-        by = {r["pipeline"]: r for r in rows}
-        ratio = by[f"packed ({cfg.bench.augment})"]["img_per_cpu_s"] / by["reference"]["img_per_cpu_s"]
+        rows, runs = bench_loaders(cfg, root, store)
+        packed = runs[f"packed ({cfg.bench.augment})"]
+        ratio, wall = round_ratio(packed, runs["reference"]), round_ratio(packed, runs["reference"], column=1)
     else:
         rows.append({"pipeline": f"model-only {cfg.bench.model} {device.type}", **bench_model(cfg, device),
                      "note": f"batch {cfg.bench.batch_size}, {cfg.bench.size}px, synthetic uint8"})
@@ -408,17 +462,16 @@ def run(cfg: DictConfig) -> Path:
                      "note": "packed loader + step, Caffe crop"})
     out = Path(cfg.paths.runs) / "bench" / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = "ablate bench " + " ".join(sys.argv[1:])
-    atomic_write_json(out / "results.json", {"what": what, "rows": rows, "machine": machine(), "command": command,
-                                             "config": OmegaConf.to_container(cfg, resolve=True)})
+    atomic_write_json(out / "results.json", {"what": what, "rows": rows, "rounds": runs, "machine": machine(),
+                                             "command": command, "config": OmegaConf.to_container(cfg, resolve=True)})
     text = table(rows)
     atomic_write_text(out / "table.md", text + "\n")
     if cfg.bench.record:
         append_doc(Path(cfg.bench.doc), f"### {time.strftime('%Y-%m-%d %H:%M')} `{command}`\n\n{machine()}\n\n"
-                   + text + ("" if ratio is None else f"\n\npacked ({cfg.bench.augment})/reference images per CPU-second: "
-                                                  f"{ratio:.2f}"))
+                   + text + ("" if ratio is None else
+                             f"\n\npacked ({cfg.bench.augment})/reference images per CPU-second: {ratio:.2f}"))
     print(text)
     if ratio is not None:
-        wall = by[f"packed ({cfg.bench.augment})"]["img_per_s"] / by["reference"]["img_per_s"]
         print(f"(packed ({cfg.bench.augment}) vs reference, images per CPU-second; wall-clock ratio {wall:.2f})")
         print(f"packed/reference images/s ratio: {ratio:.2f}")
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from omegaconf import DictConfig
 from PIL import Image
@@ -73,49 +74,62 @@ def resize_short(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(img, [size], antialias=True)
 
 
-def _random_crop_flip(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+def _random_crop_flip(img: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
     """Caffe's augmentation: a random ``size`` x ``size`` window, flipped with probability 1/2."""
     h, w = img.shape[-2:]
     if h < size or w < size:
         img = TF.resize(img, [max(size, math.ceil(size * h / min(h, w)))], antialias=True)
         h, w = img.shape[-2:]
-    top = int(torch.randint(0, h - size + 1, (1,), generator=g))
-    left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+    top, left = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
     out = img[:, top:top + size, left:left + size]
-    return out.flip(-1) if torch.rand((), generator=g) < 0.5 else out
+    return out.flip(-1) if rng.random() < 0.5 else out
 
 
-def _random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator,
+def _resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 CHW -> ``size`` x ``size``, antialiased bilinear: ``TF.resize``'s result without its per-call checks.
+
+    A crop of a channel-last image (simplejpeg's HWC output seen as CHW) is first copied into its own dense
+    channel-last tensor: torch's vectorised uint8 kernel then works on packed pixels and returns channel-last too
+    (0.30 instead of 0.45 ms for a 224 px output here, same pixels)."""
+    if img.stride(0) == 1:
+        hwc = img.permute(1, 2, 0).contiguous()
+        x = hwc.as_strided((1, *img.shape), (hwc.numel(), 1, hwc.stride(0), hwc.stride(1)))  # 1CHW channels_last
+    else:
+        x = img.unsqueeze(0)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _random_resized_crop(img: torch.Tensor, size: int, rng: random.Random,
                          scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
                          ) -> torch.Tensor:
-    """torchvision's RandomResizedCrop + flip, drawn from ``g`` so it is reproducible per image."""
+    """torchvision's RandomResizedCrop + flip, drawn from ``rng`` (one per image and epoch: reproducible whatever
+    the worker; Python's generator costs microseconds where a torch.Generator op costs tens)."""
     h, w = img.shape[-2:]
     area = h * w
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * float(torch.empty(()).uniform_(scale[0], scale[1], generator=g))
-        aspect = math.exp(float(torch.empty(()).uniform_(log_ratio[0], log_ratio[1], generator=g)))
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            top, left = rng.randrange(h - ch + 1), rng.randrange(w - cw + 1)
             break
     else:  # fall back to a centre crop at the clamped aspect ratio, as torchvision does
         in_ratio = w / h
         cw, ch = (w, round(w / ratio[0])) if in_ratio < ratio[0] else \
             (round(h * ratio[1]), h) if in_ratio > ratio[1] else (w, h)
         top, left = (h - ch) // 2, (w - cw) // 2
-    out = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
-    return out.flip(-1) if torch.rand((), generator=g) < 0.5 else out
+    out = _resize_square(img[:, top:top + ch, left:left + cw], size)
+    return out.flip(-1) if rng.random() < 0.5 else out
 
 
-def train_augment(img: torch.Tensor, size: int, resize: int, mode: str, g: torch.Generator) -> torch.Tensor:
+def train_augment(img: torch.Tensor, size: int, resize: int, mode: str, rng: random.Random) -> torch.Tensor:
     """uint8 CHW -> uint8 ``size`` x ``size`` training crop. ``mode``: ``crop`` (resize the shorter side to
     ``resize``, random crop + flip: the Caffe recipe) or ``resized_crop`` (RandomResizedCrop + flip)."""
     if mode == "crop":
-        return _random_crop_flip(resize_short(img, resize), size, g)
+        return _random_crop_flip(resize_short(img, resize), size, rng)
     if mode == "resized_crop":
-        return _random_resized_crop(img, size, g)
+        return _random_resized_crop(img, size, rng)
     raise UserError(f"train.augment={mode}: expected crop or resized_crop")
 
 
@@ -140,7 +154,7 @@ class Transform:
     def __call__(self, img: torch.Tensor, seed: int) -> torch.Tensor:
         if self.mode == "val":
             return val_transform(img, self.size, self.resize)
-        return train_augment(img, self.size, self.resize, self.mode, torch.Generator().manual_seed(seed))
+        return train_augment(img, self.size, self.resize, self.mode, random.Random(seed))
 
 
 def read_split(subset_dir: Path, split: str) -> tuple[list[str], list[int]]:

@@ -73,7 +73,10 @@ def sample_classes(listing: imagenet.Listing, classes: list[str], n: int | None,
         files = listing.train[c]
         return imagenet.Files(files.prefix, [files.names[i] for i in array("I", data)])
 
-    return dict(zip(classes, forked.map_forked(classes, lambda c: sample(listing.train[c], n, seed), indices, chosen)))
+    def here(c: str) -> imagenet.Files:
+        return sample(listing.train[c], n, seed)
+
+    return dict(zip(classes, forked.map_forked(classes, here, indices, chosen)))
 
 
 # -- spec ---------------------------------------------------------------------------------------------------------
