@@ -221,11 +221,11 @@ def _decode_share(job: tuple[pack.PackedStore, loaders.Transform, range]) -> int
 
 
 def decode_crop_alone(store: pack.PackedStore, transform: loaders.Transform, n: int,
-                      pool: multiprocessing.pool.Pool | None) -> Callable[[], Iterable]:
+                      pool: multiprocessing.pool.Pool | None, processes: int) -> Callable[[], Iterable]:
     """The floor of a loader: the same decode + augment, without the loader, in as many processes at once as the
-    loader has workers (``pool``; None: in this process, for ``bench.workers=0``). Equal process counts keep the
-    comparison fair on SMT machines, where two busy hardware threads of a core each run slower than one alone."""
-    processes = pool._processes if pool is not None else 1  # type: ignore[attr-defined]
+    loader has workers (``pool`` of ``processes``; None: in this process, for ``bench.workers=0``). Equal process
+    counts keep the comparison fair on SMT machines, where two busy hardware threads of a core each run slower than
+    one alone."""
     jobs = [(store, transform, range(k, n, processes)) for k in range(processes)]
 
     def epoch() -> Iterable[int]:
@@ -372,7 +372,7 @@ def bench_loaders(cfg: DictConfig, root: Path, store: pack.PackedStore
     for tf, what in ((rrc, "RandomResizedCrop"), (crop, "Caffe random crop")):
         add(f"packed ({tf.mode})", _keyed(pack.PackedDataset(store, idx, labels, paths, tf), batch, workers),
             f"store at {store_side(store)}px, {what} on uint8")
-        add(f"decode+{tf.mode} alone", decode_crop_alone(store, tf, len(store), pool),
+        add(f"decode+{tf.mode} alone", decode_crop_alone(store, tf, len(store), pool, max(workers, 1)),
             f"{max(workers, 1)} process(es) at once, no DataLoader", consume=lambda k: k)
     lit = litdata_loader(store, Path(cfg.paths.cache) / "bench" / f"litdata-{store.folder.name}", rrc, batch,
                          workers) if b.litdata else None
