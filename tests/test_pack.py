@@ -63,7 +63,7 @@ def test_store_round_trips_to_the_files_path_pixels(tree: Path, tmp_path: Path):
     paths = store.paths()
     assert len(store) == 10 and paths == sorted(paths, key=lambda p: (p.split("/")[1], p))
     for i, rel in enumerate(paths):
-        packed = pack.decode(store.read(i))
+        packed = loaders.decode(store.read(i), planar=False)
         files = loaders.decode((tree / rel).read_bytes())
         if min(files.shape[1:]) > 128:
             files = loaders.resize_short(files, 128)
@@ -163,7 +163,7 @@ def test_ablate_pack_cli_packs_once(tree: Path, tmp_path: Path):
     folder = run_dir_of(first)
     assert folder.name.startswith("imnet-100px-q90-") and (folder / "DONE").is_file()
     store = pack.PackedStore(folder)
-    assert len(store) == 10 and max(min(pack.decode(store.read(i)).shape[1:]) for i in range(10)) == 100
+    assert len(store) == 10 and max(min(loaders.decode(store.read(i)).shape[1:]) for i in range(10)) == 100
     stamp = (folder / "DONE").stat().st_mtime_ns
     again = run_ablate(*args, timeout=120)
     assert run_dir_of(again) == folder and (folder / "DONE").stat().st_mtime_ns == stamp

@@ -216,7 +216,7 @@ def _decode_share(job: tuple[pack.PackedStore, loaders.Transform, range]) -> int
     store, transform, indices = job
     torch.set_num_threads(1)
     for i in indices:
-        transform(pack.decode(store.read(i)), loaders.aug_seed(0, 0, i))
+        transform(loaders.decode(store.read(i), planar=False), loaders.aug_seed(0, 0, i))
     return len(indices)
 
 
@@ -260,7 +260,7 @@ def _litdata_item(job: tuple[str, int]) -> dict:
 
 
 def _litdata_sample(transform: loaders.Transform, item: dict) -> tuple[torch.Tensor, int]:
-    return transform(pack.decode(item["image"]), loaders.aug_seed(0, 0, item["i"])), item["i"]
+    return transform(loaders.decode(item["image"], planar=False), loaders.aug_seed(0, 0, item["i"])), item["i"]
 
 
 # -- model ------------------------------------------------------------------------------------------------------

@@ -47,14 +47,16 @@ Key = tuple[int, int]  # (dataset index, augmentation seed)
 
 
 # -- decode and augment (shared by every backend) ---------------------------------------------------------------
-def decode(data: bytes) -> torch.Tensor:
+def decode(data: bytes, planar: bool = True) -> torch.Tensor:
     """JPEG/PNG/... bytes -> uint8 RGB CHW. JPEG: libjpeg-turbo (simplejpeg if installed, else torchvision);
     anything else, and JPEGs those refuse, through PIL (ImageNet has PNGs named .JPEG and CMYK JPEGs).
-    Raises ValueError on undecodable bytes."""
+    Raises ValueError on undecodable bytes. ``planar=False`` keeps simplejpeg's HWC memory as a CHW view instead of
+    copying it: the packed path's crops, resizes and ``collate`` work on that layout directly."""
     if data[:3] == b"\xff\xd8\xff":
         try:
             if simplejpeg is not None:
-                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1).contiguous()
+                img = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+                return img.contiguous() if planar else img
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError):
             pass  # CMYK / truncated / unusual JPEG: let PIL try

@@ -32,11 +32,6 @@ from . import loaders
 from .errors import UserError
 from .store import Stage, atomic_path, atomic_write_json, atomic_write_text
 
-try:
-    import simplejpeg as _simplejpeg
-except ImportError:  # optional dependency (extra "fast"); torchvision decodes otherwise
-    _simplejpeg = None
-
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the stored bytes change for the same parameters
@@ -279,17 +274,6 @@ class PackedStore:
         return idx
 
 
-def decode(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 RGB CHW: simplejpeg (libjpeg-turbo, less overhead) when installed, else
-    ``loaders.decode`` (torchvision), which also stays the fallback for anything simplejpeg refuses."""
-    if _simplejpeg is not None:
-        try:
-            return torch.from_numpy(_simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
-        except ValueError:
-            pass
-    return loaders.decode(data)
-
-
 class PackedDataset(Dataset):
     """The packed backend of ``loaders``: ``__getitem__((index, aug_seed)) -> (uint8 CHW | None, label, path)``,
     with the files backend's ``loaders.Transform`` so crops and flips are the same for the same key."""
@@ -305,7 +289,7 @@ class PackedDataset(Dataset):
         index, seed = key
         i = int(self.indices[index])
         try:
-            img = None if i < 0 else self.transform(decode(self.store.read(i)), seed)
+            img = None if i < 0 else self.transform(loaders.decode(self.store.read(i), planar=False), seed)
         except ValueError:
             img = None  # counted and reported by the training loop, as for the files backend
         return img, self.labels[index], self.paths[index]

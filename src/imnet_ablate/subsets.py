@@ -54,7 +54,7 @@ def sample_indices(files: imagenet.Files, n: int | None, seed: int) -> list[int]
 
 
 def sample(files: imagenet.Files, n: int | None, seed: int) -> imagenet.Files:
-    """The ``n`` files of a class ranked first by ``rank(seed, path)`` (all of them if it has ``n`` or fewer), sorted."""
+    """The ``n`` files of a class ranked first by ``rank(seed, path)`` (all if it has ``n`` or fewer), sorted."""
     if n is None or n >= len(files):
         return files
     return imagenet.Files(files.prefix, [files.names[i] for i in sample_indices(files, n, seed)])
