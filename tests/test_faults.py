@@ -151,17 +151,23 @@ class Campaign:
     def run(self, kills: int, log: Path) -> dict[str, int]:
         rng, watch = random.Random(f"{SEED}:{self.name}"), DoneWatch(self.runs)
         counts = {"injected": 0, "completed": 0, "survived": 0, "data_lost": 0}
+        typical, fresh = self.typical, True  # fresh: this run starts from nothing (not resuming a killed one)
         while counts["injected"] < kills:
+            t0 = time.perf_counter()
             proc = start(self.args, log)
-            if kill_after(proc, rng.uniform(0, self.typical)):
+            if kill_after(proc, rng.uniform(0, typical)):
                 counts["injected"] += 1
+                fresh = False
                 watch.check()
                 continue
             assert proc.returncode == 0, log.read_text()[-3000:]
+            if fresh:  # the machine got faster than when `typical` was measured: kill within this run's time
+                typical = min(typical, time.perf_counter() - t0)
             watch.check()
             self.compare(self.runs)
             counts["completed"] += 1
             watch.forget(self.restart(self.runs))
+            fresh = True
         final = start(self.args, log)  # the rerun after the last kill finishes the work
         assert final.wait() == 0, log.read_text()[-3000:]
         watch.check()
