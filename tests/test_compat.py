@@ -1,0 +1,106 @@
+"""Stage folder names are a contract with users: a finished pre-training (GPU-days) or transfer must be found again
+after an upgrade. These names were computed by imnet-ablate 0.1.0 (commit 7fca60b) and must never change silently;
+a deliberate change needs a version field in the stage spec and a line in README's changelog.
+
+The subset stage's hash includes the ImageNet root's absolute path, so the tree lives at a fixed path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from imnet_ablate import pretrain, subsets, transfer, wordnet
+from imnet_ablate.cli import conf_dir
+
+TREE = Path("/tmp/imnet-ablate-compat-v1/imagenet")
+PINNED = {
+    'subset full': 'full-2ebfffe16cff',
+    'subset 250pc': '250pc-e664e8aed19e',
+    'subset wordnet-127': 'wordnet-127-c318abd0439e',
+    'subset nopascal-771': 'nopascal-771-b7bc94fcf541',
+    'pretrain full alexnet_small demo': 'full-alexnet_small-6ee860438a5d',
+    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-e0197eb95506',
+    'pretrain full alexnet caffe': 'full-alexnet-13da4c189eb5',
+    'pretrain 250pc alexnet caffe': '250pc-alexnet-4858f01af784',
+    'pretrain full alexnet_caffe caffe': 'full-alexnet_caffe-6f1c19371f88',
+    'pretrain 250pc alexnet_caffe caffe': '250pc-alexnet_caffe-0d09025475f5',
+    'pretrain full alexnet same_iterations seed1': 'full-alexnet-f601e239a4c3',
+    'transfer data=demo task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-f0d3f613cb53',
+    'transfer data=demo task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-003127adaf96',
+    'transfer data=demo task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-84b11ec5aca7',
+    'transfer data=demo task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-f0d3f613cb53',
+    'transfer data=demo task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-1269e4471ab4',
+    'transfer data=demo task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-23f22c52d094',
+    'transfer data=demo task=voc-cls seed=2': 'voc-cls-full-alexnet_small-0123456789ab-70e1bef1d0c6',
+    'transfer data=demo scratch voc-cls': 'voc-cls-scratch-bf6d3c82ebd8',
+    'transfer data=demo scratch voc-det alexnet': 'voc-det-scratch-2a12cba2fa8c',
+    'transfer data=demo torchvision voc-det': 'voc-det-torchvision-1a0aeec62d5f',
+    'transfer data=imagenet task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
+    'transfer data=imagenet task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-d4f84399a567',
+    'transfer data=imagenet task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-46900c7c2e9d',
+    'transfer data=imagenet task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
+    'transfer data=imagenet task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-3751b83aea91',
+    'transfer data=imagenet task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-88a7574010c6',
+    'transfer data=imagenet task=voc-cls seed=2': 'voc-cls-full-alexnet_small-0123456789ab-de78db373a57',
+    'transfer data=imagenet scratch voc-cls': 'voc-cls-scratch-e12690550dc3',
+    'transfer data=imagenet scratch voc-det alexnet': 'voc-det-scratch-f561ff8bf8af',
+    'transfer data=imagenet torchvision voc-det': 'voc-det-torchvision-3c4cd3c7d758',
+    'transfer real subset full voc-det': 'voc-det-full-alexnet-13da4c189eb5-f57753bbc8ac',
+}
+
+
+@pytest.fixture(scope="module")
+def tree() -> Path:
+    """1000 classes x (3 train + 1 val) empty files: the builder lists names, it never opens an image."""
+    for w in wordnet.load().classes:
+        for split, n in (("train", 3), ("val", 1)):
+            (TREE / split / w).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (TREE / split / w / f"{w}_{i}.JPEG").touch()
+    return TREE
+
+
+@pytest.fixture(scope="module")
+def finished_pretrain(tmp_path_factory) -> Path:
+    """A pre-training folder as transfer sees it: its name and the hash in its DONE marker."""
+    folder = tmp_path_factory.mktemp("runs") / "pretrain" / "full-alexnet_small-0123456789ab"
+    folder.mkdir(parents=True)
+    (folder / "DONE").write_text(json.dumps({"hash": "0123456789ab", "outputs": {}}))
+    return folder
+
+
+def names(tree: Path, pre: Path, tmp: Path) -> dict[str, str]:
+    def cfg(command: str, *overrides: str):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return compose(command, [f"paths.runs={tmp}/runs", f"paths.cache={tmp}/cache", *overrides])
+
+    real = ["data=imagenet", f"data.root={tree}", "data.voc_root=/data/VOCdevkit"]
+    out = {}
+    for s in ["full", "250pc", "wordnet-127", "nopascal-771"]:
+        out[f"subset {s}"] = subsets.stage(cfg("subset", *real, f"subset={s}")).name
+    for model, recipe in [("alexnet_small", "demo"), ("alexnet", "caffe"), ("alexnet_caffe", "caffe")]:
+        for s in ["full", "250pc"]:
+            out[f"pretrain {s} {model} {recipe}"] = pretrain.stage(
+                cfg("pretrain", *real, f"subset={s}", f"model={model}", f"train={recipe}")).name
+    out["pretrain full alexnet same_iterations seed1"] = pretrain.stage(cfg(
+        "pretrain", *real, "model=alexnet", "train=caffe", "train.budget=same_iterations", "seed=1")).name
+    for data in (["data=demo"], real):
+        d = data[0]
+        for task in [["task=voc-cls"], ["task=voc-cls", "task.feature=conv5"], ["task=voc-cls", "task.protocol=finetune"],
+                     ["task=voc-cls-demo"], ["task=voc-det"], ["task=voc-det-demo"], ["task=voc-cls", "seed=2"]]:
+            out[f"transfer {d} {' '.join(task)}"] = transfer.stage(cfg("transfer", *data, *task, f"pretrain={pre}")).name
+        out[f"transfer {d} scratch voc-cls"] = transfer.stage(cfg("transfer", *data, "pretrain=scratch")).name
+        out[f"transfer {d} scratch voc-det alexnet"] = transfer.stage(
+            cfg("transfer", *data, "pretrain=scratch", "task=voc-det", "model=alexnet")).name
+        out[f"transfer {d} torchvision voc-det"] = transfer.stage(
+            cfg("transfer", *data, "pretrain=torchvision", "task=voc-det")).name
+    out["transfer real subset full voc-det"] = transfer.stage(
+        cfg("transfer", *real, "pretrain=subset", "task=voc-det", "model=alexnet", "train=caffe")).name
+    return out
+
+
+def test_stage_folder_names_of_0_1_configs_are_unchanged(tree, finished_pretrain, tmp_path):
+    assert names(tree, finished_pretrain, tmp_path) == PINNED
