@@ -1,37 +1,24 @@
-"""AlexNet variants with the named parts the transfer stages reuse: ``trunk``, ``pool``, ``fc6``, ``fc7``, ``head``.
+"""AlexNet variants as ``Backbone``s: ``trunk`` (conv1..pool5), ``pool``, ``fc6``, ``fc7``, ``head``.
 
 - ``alexnet``: torchvision's layout (64-192-384-256-256, no LRN, no groups), 224 px input.
 - ``alexnet_caffe``: the BVLC/Caffe network the paper trained (96-256-384-384-256, LRN after conv1/conv2, conv2/4/5
   in two groups, 227 px input, Caffe's Gaussian init with bias 1 on conv2/4/5 and fc6/fc7).
 - ``alexnet_small``: the same shape of network scaled for the demo's 32 px images, trainable on a laptop CPU.
 
-Inputs are float images normalised on the device with :func:`normalize` (batches travel as uint8).
+For detection the trunk loses its last max-pool (stride 16, as Fast R-CNN's RoI pooling on conv5) and fc6/fc7
+become the box head on RoIs pooled to fc6's input grid.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import UserError
-
-# ImageNet channel statistics (RGB, on the 0..1 scale), as used by torchvision's reference recipe.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW (already on the device) -> float32 channels_last, normalised with MEAN/STD.
-
-    Done on the accelerator so that loader workers only move a quarter of the bytes a float batch would take.
-    """
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
-    return ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+from ..errors import UserError
+from .backbone import Backbone, DetectionParts
 
 
 def _fc(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
@@ -52,8 +39,21 @@ class GridPool(nn.Module):
         return nn.functional.adaptive_avg_pool2d(x, self.grid)
 
 
-class AlexNetLike(nn.Module):
+class BoxHead(nn.Module):
+    """fc6 / fc7 on RoI features (dropout included, as in Fast R-CNN's training): torchvision's TwoMLPHead role."""
+
+    def __init__(self, fc6: nn.Module, fc7: nn.Module):
+        super().__init__()
+        self.fc6, self.fc7 = fc6, fc7
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc7(self.fc6(torch.flatten(x, 1)))
+
+
+class AlexNet(Backbone):
     """``head(fc7(fc6(flatten(pool(trunk(x))))))``; the parts are attributes so transfer can take them apart."""
+
+    feature_layers = ("fc7", "fc6", "conv5")
 
     def __init__(self, trunk: nn.Sequential, trunk_channels: int, grid: int, hidden: int, num_classes: int,
                  dropout: float, input_size: int):
@@ -67,12 +67,30 @@ class AlexNetLike(nn.Module):
         self.feature_dim = hidden
         self.input_size = input_size
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """fc7 activations: the representation a linear probe or a new head is trained on."""
-        return self.fc7(self.fc6(torch.flatten(self.pool(self.trunk(x)), 1)))
+    def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+        """fc7 (after ReLU, the default), fc6, or conv5 (the pooled trunk output, flattened)."""
+        name = self.layer(layer)
+        t = torch.flatten(self.pool(self.trunk(x)), 1)
+        if name == "conv5":
+            return t
+        t = self.fc6(t)
+        return t if name == "fc6" else self.fc7(t)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def detection_parts(self, stride: int = 16) -> DetectionParts:
+        """stride 16: the trunk without its final max-pool (Fast R-CNN's choice); 32: the whole trunk."""
+        layers = list(self.trunk)
+        if stride == 16 and isinstance(layers[-1], nn.MaxPool2d):
+            layers = layers[:-1]
+        elif stride != 32:
+            raise UserError(f"detection stride {stride}: AlexNet's trunk gives 16 (last max-pool dropped) or 32")
+        trunk = nn.Sequential(*layers)
+        trunk.out_channels = self.trunk_channels
+        fc = next(m for m in self.fc6 if isinstance(m, nn.Linear))
+        grid = math.isqrt(fc.in_features // self.trunk_channels)
+        return DetectionParts(trunk, BoxHead(self.fc6, self.fc7), grid, self.feature_dim)
+
+    def stages(self) -> list[nn.Module]:
+        return [m for m in self.trunk if isinstance(m, nn.Conv2d)]
 
 
 def _torchvision_trunk() -> nn.Sequential:
@@ -110,18 +128,9 @@ def _small_trunk(batchnorm: bool = False) -> nn.Sequential:
                          *conv(64, 96, 3), *conv(96, 64, 3), nn.MaxPool2d(2))
 
 
-# name -> (trunk factory, trunk channels, fc6 input grid, fc6/fc7 width)
-ARCHS: dict[str, tuple[Any, int, int, int]] = {
-    "alexnet": (_torchvision_trunk, 256, 6, 4096),
-    "alexnet_caffe": (_caffe_trunk, 256, 6, 4096),
-    "alexnet_small": (_small_trunk, 64, 3, 256),
-}
-
-
-def _init_caffe(model: AlexNetLike) -> None:
+def _init_caffe(model: AlexNet) -> None:
     """bvlc_alexnet's fillers: N(0, 0.01) convs (fc6/fc7: 0.005, head: 0.01); bias 1 on conv2/4/5, fc6, fc7."""
-    convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
-    for i, conv in enumerate(convs):
+    for i, conv in enumerate(model.stages()):
         nn.init.normal_(conv.weight, std=0.01)
         nn.init.constant_(conv.bias, 1.0 if i in (1, 3, 4) else 0.0)
     for fc in (model.fc6[1], model.fc7[1]):
@@ -131,7 +140,7 @@ def _init_caffe(model: AlexNetLike) -> None:
     nn.init.zeros_(model.head.bias)
 
 
-def _init_kaiming(model: AlexNetLike) -> None:
+def _init_kaiming(model: AlexNet) -> None:
     """He-normal convs, N(0, 0.01) linears, zero biases (torchvision's VGG init): without normalisation layers this
     starts learning in far fewer steps than PyTorch's default, which matters for the minute-long demo recipe."""
     for m in model.modules():
@@ -143,37 +152,31 @@ def _init_kaiming(model: AlexNetLike) -> None:
             nn.init.zeros_(m.bias)
 
 
-INITS = {"default": lambda model: None, "caffe": _init_caffe, "kaiming": _init_kaiming}
+INITS: dict[str, Callable[[AlexNet], None]] = {"default": lambda model: None, "caffe": _init_caffe,
+                                               "kaiming": _init_kaiming}
 
 
-def build(model_cfg: DictConfig | dict, num_classes: int) -> AlexNetLike:
-    """A freshly initialised network for ``model_cfg`` (``conf/model/<name>.yaml``) with ``num_classes`` outputs."""
-    name = model_cfg["name"]
-    if name not in ARCHS:
-        raise UserError(f"model.name={name}: unknown model; expected one of {', '.join(ARCHS)}")
-    trunk_fn, channels, grid, hidden = ARCHS[name]
-    trunk = trunk_fn(bool(model_cfg.get("batchnorm", False))) if name == "alexnet_small" else trunk_fn()
-    model = AlexNetLike(trunk, channels, grid, hidden, num_classes, float(model_cfg.get("dropout", 0.5)),
-                        int(model_cfg["input_size"]))
-    init = model_cfg.get("init", "default")
+def _build(cfg: Mapping[str, Any], num_classes: int, trunk: nn.Sequential, channels: int, grid: int, hidden: int
+           ) -> AlexNet:
+    model = AlexNet(trunk, channels, grid, hidden, num_classes, float(cfg.get("dropout", 0.5)),
+                    int(cfg["input_size"]))
+    init = cfg.get("init", "default")
     if init not in INITS:
         raise UserError(f"model.init={init}: expected one of {', '.join(INITS)}")
     INITS[init](model)
     return model
 
 
-def load_pretrained(pretrain_dir: Path | str) -> tuple[AlexNetLike, dict[str, Any]]:
-    """The final network of a pre-training folder, rebuilt from its ``config.yaml``, and its ``metrics.json``.
+def alexnet(cfg: Mapping[str, Any], num_classes: int) -> AlexNet:
+    """torchvision's AlexNet layout (``conf/model/alexnet.yaml``)."""
+    return _build(cfg, num_classes, _torchvision_trunk(), 256, 6, 4096)
 
-    ``model.pt`` holds tensors only and is read with ``weights_only=True``: a shared checkpoint cannot run code.
-    """
-    folder = Path(pretrain_dir)
-    try:
-        cfg = OmegaConf.load(folder / "config.yaml")
-        manifest = json.loads((folder / "metrics.json").read_text())
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: not a finished pre-training folder ({e}); run `ablate pretrain` first") from e
-    model = build(cfg.model, int(manifest["num_classes"]))
-    model.load_state_dict(state)
-    return model, manifest
+
+def alexnet_caffe(cfg: Mapping[str, Any], num_classes: int) -> AlexNet:
+    """bvlc_alexnet (``conf/model/alexnet_caffe.yaml``)."""
+    return _build(cfg, num_classes, _caffe_trunk(), 256, 6, 4096)
+
+
+def alexnet_small(cfg: Mapping[str, Any], num_classes: int) -> AlexNet:
+    """The demo's AlexNet for 32 px images (``conf/model/alexnet_small.yaml``)."""
+    return _build(cfg, num_classes, _small_trunk(bool(cfg.get("batchnorm", False))), 64, 3, 256)

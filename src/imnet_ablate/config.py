@@ -1,0 +1,61 @@
+"""Where the config tree is, composing a command's config as the CLI would, and locating ``_target_`` code.
+
+Shared by the CLI and by every stage that composes another command's config (``ablate run`` plans pre-trainings
+and transfers; pre-training composes ``subset=full`` for the 1000-way probe), so no stage imports the CLI back.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .errors import UserError
+
+
+def conf_dir() -> Path:
+    """The config tree: shipped inside the package when installed, ``conf/`` at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "base.yaml").is_file():
+            return candidate
+    raise UserError(f"config tree not found (looked in {here / 'conf'} and {here.parents[1] / 'conf'})")
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's composition errors span several lines and end with the search path; keep the message on one line."""
+    return " ".join(str(exc).split(" Config search path")[0].split())
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose a command's config exactly as ``ablate <command> <overrides>`` would (inside a running Hydra app
+    too, where Hydra's global state already points at the right search path)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return hydra_compose(config_name=config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except Exception as e:  # composition errors name the override
+        raise UserError(f"`ablate {config_name} {' '.join(overrides)}`: {one_line(e)}") from e
+
+
+def locate(target: str, key: str) -> Any:
+    """The object a ``_target_`` names: ``package.module.name`` (Hydra's form) or ``package.module:name``.
+
+    Plug-ins (tasks, backbones) from a user's own package are found the same way as the built-in ones; ``key`` is
+    the config key that named it, for the error."""
+    module, sep, name = target.partition(":") if ":" in target else target.rpartition(".")
+    if not module or not name:
+        raise UserError(f"{key}={target}: expected a dotted path to a class or function, e.g. mypkg.tasks.MyTask")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise UserError(f"{key}={target}: cannot import {module} ({e}); is its package installed or on "
+                        "PYTHONPATH?") from e
+    except AttributeError as e:
+        raise UserError(f"{key}={target}: {module} has no {name!r}") from e
