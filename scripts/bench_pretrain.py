@@ -46,7 +46,7 @@ def make_step(model: torch.nn.Module, dev: torch.device, amp: bool, compile_: bo
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.to(dev, non_blocking=True)
-        x = models.normalize(x) if normalise else x.contiguous(memory_format=torch.channels_last)
+        x = model.normalize(x) if normalise else x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(net(x).float(), y.to(dev, non_blocking=True))
         opt.zero_grad(set_to_none=True)

@@ -77,7 +77,7 @@ def step(name: str, root: Path, cache: Path, runs: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from imnet_ablate import subsets
-    from imnet_ablate.cli import conf_dir
+    from imnet_ablate.config import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose("subset", [f"subset={name}", "data=imagenet", f"data.root={root}", f"data.voc_root={root}",

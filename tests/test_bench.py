@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from imnet_ablate import bench
-from imnet_ablate.cli import conf_dir
+from imnet_ablate.config import conf_dir
 
 
 def test_cpu_seconds_counts_live_children():

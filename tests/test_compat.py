@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from imnet_ablate import pretrain, subsets, transfer, wordnet
-from imnet_ablate.cli import conf_dir
+from imnet_ablate.config import conf_dir
 
 TREE = Path("/tmp/imnet-ablate-compat-v1/imagenet")
 PINNED = {

@@ -10,6 +10,7 @@ from conftest import run_ablate, run_dir_of
 from test_voc import make_xml, write_voc
 
 from imnet_ablate import evaluate as ev
+from imnet_ablate import rescore
 from imnet_ablate import voc
 from imnet_ablate.errors import UserError
 from imnet_ablate.voc import CLASSES, ClassDets, VocImage
@@ -307,7 +308,7 @@ def test_cli_evaluate_classification_and_errors(tmp_path, tiny_voc):
 def compose_evaluate(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from imnet_ablate.cli import conf_dir
+    from imnet_ablate.config import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         return compose(config_name="evaluate", overrides=list(overrides))
@@ -317,12 +318,12 @@ def test_evaluate_config_errors(tmp_path, tiny_voc):
     d = tmp_path / "cls"
     voc.write_cls_results(d, "test", {"dog": voc.ClassScores(np.array(["000001"]), np.array([0.5]))})
     with pytest.raises(UserError, match=r"comp4_det_test_<class>\.txt"):  # only comp2 files there
-        ev.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}"))
+        rescore.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}"))
     with pytest.raises(UserError, match="data.voc_root is not set"):
-        ev.run(compose_evaluate("data=imagenet", f"detections={d}"))
+        rescore.run(compose_evaluate("data=imagenet", f"detections={d}"))
     with pytest.raises(UserError, match="detections is not set"):
-        ev.run(compose_evaluate(f"data.voc_root={tiny_voc}"))
+        rescore.run(compose_evaluate(f"data.voc_root={tiny_voc}"))
     with pytest.raises(UserError, match="metric=map: unknown"):
-        ev.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "metric=map"))
+        rescore.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "metric=map"))
     with pytest.raises(UserError, match="cannot read the 'val' split"):  # a task variant passes, the split not
-        ev.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "task=voc-cls-demo", "split=val"))
+        rescore.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "task=voc-cls-demo", "split=val"))

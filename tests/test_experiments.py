@@ -38,9 +38,9 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
     assert out == tmp_path / "results" / "demo"
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| voc-cls")]
     assert [row.split("|")[2].strip() for row in table] == ["full", "scratch"]
-    for name in ("README.md", "table.csv", "per_class_ap.csv", "runs.csv", "plot.png"):
+    for name in ("README.md", "table.csv", "per_class.csv", "runs.csv", "plot.png"):
         assert (out / name).stat().st_size > 0, name
-    assert "dog" in (out / "per_class_ap.csv").read_text()
+    assert "dog" in (out / "per_class.csv").read_text()
 
     again = run_ablate("run", *args(demo_cache, tmp_path))
     assert again.returncode == 0 and stages_line(again.stdout) == (0, 3)

@@ -175,7 +175,7 @@ def test_loader_packed_config_builds_the_subset_datasets(demo_cache: Path, tmp_p
 
     from conftest import tiny_demo_overrides
     from imnet_ablate import subsets
-    from imnet_ablate.cli import conf_dir
+    from imnet_ablate.config import conf_dir
 
     overrides = tiny_demo_overrides(demo_cache, tmp_path / "runs") + ["loader=packed", "loader.pack.workers=1",
                                                                        "subset=wordnet-9"]

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from imnet_ablate import imagenet, subsets, wordnet
-from imnet_ablate.cli import conf_dir
+from imnet_ablate.config import conf_dir
 from imnet_ablate.errors import UserError
 
 PER_CLASS = 6

@@ -18,8 +18,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_DEMO, run_ablate, run_dir_of, tiny_demo_overrides
-from imnet_ablate import evaluate, models, transfer, voc
-from imnet_ablate.cli import conf_dir
+from imnet_ablate import datasets, evaluate, models, source, transfer, voc
+from imnet_ablate.tasks import voc_det
+from imnet_ablate.config import conf_dir
 from imnet_ablate.errors import UserError
 from imnet_ablate.store import Stage
 
@@ -66,8 +67,8 @@ def test_linear_probe_outputs_rescoring_and_noop_rerun(demo_cache, tmp_path, pre
     assert (m["task"], m["metric"], m["protocol"], m["n_images"]) == ("voc-cls", "voc07", "linear",
                                                                        TINY_DEMO["voc_test"])
     assert list(m["ap"]) == list(voc.CLASSES) and 0 < m["map"] <= 1
-    test_imgs = voc.load_split(transfer.datasets.resolve(cfg, need_voc=True).voc, "test")
-    scores = evaluate.cls_score_matrix(test_imgs, voc.read_cls_results(out / "detections", "test"))
+    test_imgs = voc.load_split(datasets.root(cfg, "voc2007"), "test")
+    scores = evaluate.cls_score_matrix(test_imgs, voc.read_cls_results(out / "results", "test"))
     assert evaluate.mean_ap(evaluate.voc_cls_ap(test_imgs, scores)) == pytest.approx(m["map"], abs=1e-12)
     done = (out / "DONE").stat().st_mtime_ns
     assert transfer.run(cfg) == out and (out / "DONE").stat().st_mtime_ns == done
@@ -80,7 +81,7 @@ def test_finetune_writes_a_resumable_checkpoint(demo_cache, tmp_path, pretrained
     assert_stage_files(out)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 4 and {"model", "optimizer", "scheduler", "rng"} <= set(state)
-    assert read_metrics(out)["protocol"] == "finetune" and len(list((out / "detections").iterdir())) == 20
+    assert read_metrics(out)["protocol"] == "finetune" and len(list((out / "results").iterdir())) == 20
 
 
 def test_detection_results_files_rescore_to_metrics(demo_cache, tmp_path, pretrained):
@@ -94,7 +95,7 @@ def test_detection_results_files_rescore_to_metrics(demo_cache, tmp_path, pretra
     assert sum(len(d.ids) for d in dets.values()) == m["n_detections"]
     boxes = np.concatenate([d.boxes for d in dets.values()])
     assert boxes[:, :2].min() >= 1 and boxes[:, 2].max() <= 64 and (boxes[:, 2:] >= boxes[:, :2]).all()
-    test_imgs = voc.load_split(transfer.datasets.resolve(cfg, need_voc=True).voc, "test")
+    test_imgs = voc.load_split(datasets.root(cfg, "voc2007"), "test")
     ap = evaluate.voc_det_ap(test_imgs, dets)
     assert {c: v for c, v in ap.items() if not np.isnan(v)} == {c: v for c, v in m["ap"].items() if v is not None}
 
@@ -116,25 +117,25 @@ def test_bad_sources_are_one_line_errors(demo_cache, tmp_path, monkeypatch):
         transfer.stage(config(demo_cache, tmp_path, f"pretrain={tmp_path}"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UserError, match="pretrain=torchvision: .* not found"):
-        transfer.torchvision_alexnet()
+        source.torchvision_network(config(demo_cache, tmp_path))
 
 
 def test_det_targets_drop_difficult_and_flip_in_continuous_coordinates(demo_cache, tmp_path):
-    root = transfer.datasets.resolve(config(demo_cache, tmp_path), need_voc=True).voc
+    root = datasets.root(config(demo_cache, tmp_path), "voc2007")
     img = next(i for i in voc.load_split(root, "trainval") if i.difficult.any() and (~i.difficult).any())
-    x, t = transfer.det_sample(root, img, flip=False)
+    x, t = voc_det.det_sample(root, img, flip=False)
     keep = ~img.difficult
     assert x.shape == (3, img.height, img.width) and len(t["boxes"]) == keep.sum()
     np.testing.assert_array_equal(t["boxes"].numpy(), img.boxes[keep] - [1, 1, 0, 0])
     assert (t["labels"].numpy() == img.labels[keep] + 1).all()
-    xf, tf = transfer.det_sample(root, img, flip=True)
+    xf, tf = voc_det.det_sample(root, img, flip=True)
     assert torch.equal(xf, x.flip(-1))
     np.testing.assert_allclose(tf["boxes"][:, [2, 0]].numpy(), img.width - t["boxes"][:, [0, 2]].numpy())
 
 
 def test_background_lower_bound_ignores_proposals_that_overlap_nothing():
     cfg = OmegaConf.load(conf_dir() / "task" / "voc-det.yaml")
-    heads = transfer.build_detector(models.build({"name": "alexnet_small", "input_size": 28}, 10), cfg).roi_heads
+    heads = voc_det.build_detector(models.build({"name": "alexnet_small", "input_size": 28}, 10), cfg).roi_heads
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     props = torch.tensor([[0.0, 0.0, 10.0, 9.0],      # IoU 0.9: foreground
                           [0.0, 0.0, 10.0, 3.0],      # IoU 0.3: background

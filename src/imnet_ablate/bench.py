@@ -283,7 +283,7 @@ def train_step_fn(cfg: DictConfig, device: torch.device) -> Callable[[torch.Tens
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(net(models.normalize(x)), y)
+            loss = torch.nn.functional.cross_entropy(net(model.normalize(x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -335,9 +335,9 @@ def prepare(cfg: DictConfig) -> tuple[Path, pack.PackedStore]:
     """The benchmark JPEGs (generated, or ``data.root`` with ``bench.data=dataset``) and their packed store."""
     b = cfg.bench
     if b.data == "dataset":
-        from .datasets import resolve
+        from .datasets import root as dataset_root
 
-        root = resolve(cfg).imagenet
+        root = dataset_root(cfg, "imagenet")
     else:
         params = {"n": int(b.images), "w": int(b.width), "h": int(b.height), "q": int(b.quality), "gen": 2}
         root = make_jpegs(Path(cfg.paths.cache) / "bench" / f"jpegs-{spec_hash(params)}", params["n"],

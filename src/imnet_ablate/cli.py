@@ -6,13 +6,11 @@ The last line a command prints on stdout is ``run_dir: <path>`` of the folder it
 """
 from __future__ import annotations
 
-import importlib
 import sys
 import warnings
-from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
+from .config import conf_dir, locate, one_line
 from .errors import UserError
 
 # Our hydra/launcher configs list every key of the submitit plugin's schema themselves (a config cannot extend
@@ -34,21 +32,12 @@ COMMANDS: dict[str, Command] = {
     "data check": Command("data_check", "imnet_ablate.datacheck:run", "validate a dataset copy, write a report"),
     "pack": Command("pack", "imnet_ablate.pack:run", "pack a training set into one fast-loading store"),
     "pretrain": Command("pretrain", "imnet_ablate.pretrain:run", "pre-train a network on a subset"),
-    "transfer": Command("transfer", "imnet_ablate.transfer:run", "fine-tune / probe a pre-trained network on VOC"),
-    "evaluate": Command("evaluate", "imnet_ablate.evaluate:run", "score VOC results files (devkit format)"),
+    "transfer": Command("transfer", "imnet_ablate.transfer:run", "transfer a pre-trained network to a task (probe or fine-tune)"),
+    "evaluate": Command("evaluate", "imnet_ablate.rescore:run", "score a task's results files (devkit format)"),
     "run": Command("run", "imnet_ablate.experiments:run", "run an experiment: every stage not done yet, then report"),
-    "report": Command("report", "imnet_ablate.report:run", "collect finished runs into tables and plots"),
+    "report": Command("report", "imnet_ablate.experiments:report", "collect finished runs into tables and plots"),
     "bench": Command("bench", "imnet_ablate.bench:run", "time the loader, the model and the train step"),
 }
-
-
-def conf_dir() -> Path:
-    """The config tree: shipped inside the package when installed, ``conf/`` at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "base.yaml").is_file():
-            return candidate
-    raise UserError(f"config tree not found (looked in {here / 'conf'} and {here.parents[1] / 'conf'})")
 
 
 def usage() -> str:
@@ -68,11 +57,6 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     raise UserError(f"unknown command {' '.join(argv[:1])!r}; run `ablate --help` for the list")
 
 
-def _one_line(exc: BaseException) -> str:
-    """Hydra's composition errors span several lines; keep them on one."""
-    return " ".join(str(exc).split(" Config search path")[0].split())
-
-
 def precheck(config: str, overrides: list[str]) -> None:
     """Compose the config once before Hydra runs, so a bad override or preset is one line and exit 2.
 
@@ -86,12 +70,7 @@ def precheck(config: str, overrides: list[str]) -> None:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             compose(config_name=config, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(_one_line(e)) from e
-
-
-def resolve_target(target: str) -> Callable:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+        raise UserError(one_line(e)) from e
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +100,7 @@ def run_hydra(name: str, cmd: Command, overrides: list[str]) -> None:
 
         try:
             check(cfg)
-            run_dir = resolve_target(cmd.target)(cfg)
+            run_dir = locate(cmd.target, f"command {name!r}")(cfg)
         except UserError as e:
             print(f"ablate {name}: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)

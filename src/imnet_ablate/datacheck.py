@@ -513,17 +513,17 @@ def check_all(scans: dict[str, Scan], check: Check) -> dict[str, Any]:
 def run(cfg: DictConfig) -> Path:
     """``ablate data check``: check, print the summary, write the report; exit 1 (after writing) on errors."""
     check = read_check(cfg)
-    roots = datasets.resolve(cfg, need_voc=check.what != "imagenet")
     scans: dict[str, Scan] = {}
     spec: dict[str, Any] = {"what": check.what, "min_side": check.min_side}
     if check.what in ("imagenet", "both"):
-        root = roots.imagenet.resolve()
+        root = datasets.root(cfg, "imagenet").resolve()
         val_dir, val_labels = str(cfg.data.get("val_dir") or "val"), cfg.data.get("val_labels")
         scans["imagenet"] = scan_imagenet(root, val_dir, flat_val=bool(val_labels))
         spec |= {"imagenet": str(root), "val_dir": val_dir, "val_labels": val_labels}
     if check.what in ("voc", "both"):
-        scans["voc"] = scan_voc(roots.voc.resolve())
-        spec["voc"] = str(roots.voc.resolve())
+        voc_root = datasets.root(cfg, "voc2007").resolve()
+        scans["voc"] = scan_voc(voc_root)
+        spec["voc"] = str(voc_root)
     stage = store.Stage(cfg.paths.runs, "datacheck", f"{cfg.data.name}-{check.what}",
                         spec | {"signature": _signature(scans.values())})
     report_path = stage.path / "report.json"
@@ -537,7 +537,7 @@ def run(cfg: DictConfig) -> Path:
     rep = json.loads(report_path.read_text())
     if "imagenet" in scans:
         bad = [Finding(**{k: f[k] for k in ("dataset", "path", "problem", "detail")}) for f in rep["findings"]]
-        write_known_bad(roots.imagenet, Path(cfg.paths.cache), bad, report_path)
+        write_known_bad(datasets.root(cfg, "imagenet"), Path(cfg.paths.cache), bad, report_path)
     print(format_summary(rep, check.max_show))
     if not rep["usable"]:
         raise UserError(error_message(rep, report_path, check.max_show), exit_code=1)

@@ -1,4 +1,5 @@
-"""VOC average precision exactly as the official devkit computes it, vectorised with numpy; ``ablate evaluate``.
+"""VOC average precision exactly as the official devkit computes it, vectorised with numpy (``ablate evaluate``
+is ``rescore.py``, which scores results files with these functions through each task).
 
 Detection (``VOCevaldet.m``): detections of a class sorted by score, descending, ties in file order (MATLAB's
 ``sort`` is stable); each is matched to the ground truth object of its image with the highest IoU (+1 pixel
@@ -20,19 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-
 from .errors import UserError
-from .store import atomic_write_json
 from .voc import CLASSES, ClassDets, ClassScores, VocImage
-
-log = logging.getLogger(__name__)
 
 METRICS = ("voc07", "area")
 IOU_THRESHOLD = 0.5
@@ -289,79 +283,3 @@ def coco_det_ap(images: Sequence[VocImage], dets_by_class: Mapping[str, ClassDet
         ev.accumulate()
         ev.summarize()
     return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(COCO_KEYS, ev.stats[:6])}
-
-
-# -- ablate evaluate ----------------------------------------------------------------------------------------------
-def _task_name(cfg: DictConfig) -> str:
-    """The task config group (``conf/task/*.yaml``, which has a ``name``) or a plain string."""
-    task = cfg.get("task")
-    name = task.get("name") if isinstance(task, Mapping) or OmegaConf.is_dict(task) else task
-    if name not in ("voc-det", "voc-cls"):
-        raise UserError(f"task={name}: unknown; expected voc-det (comp4_det files) or voc-cls (comp2_cls files)")
-    return str(name)
-
-
-def _voc_root(cfg: DictConfig) -> Path:
-    """``data.voc_root`` when given (any data config), else the demo's generated VOCdevkit."""
-    from . import datasets
-
-    value = cfg.data.get("voc_root")  # None when unset or ???
-    if value not in (None, ""):
-        root = Path(str(value)).expanduser()
-        if not root.is_dir():
-            raise UserError(f"data.voc_root={value}: no such folder")
-        return root
-    if cfg.data.get("demo") is None:
-        raise UserError("data.voc_root is not set: pass data.voc_root=<VOCdevkit folder holding VOC2007/>")
-    return datasets.resolve(cfg, need_voc=True).voc
-
-
-def format_table(ap: Mapping[str, float], title: str) -> str:
-    rows = [f"{cls:<12} {100 * v:6.2f}" if not math.isnan(v) else f"{cls:<12}    n/a" for cls, v in ap.items()]
-    m = mean_ap(ap)
-    return "\n".join([title, *rows, f"{'mAP':<12} {100 * m:6.2f}" if not math.isnan(m) else "mAP             n/a"])
-
-
-def _json_number(v: float) -> float | None:
-    return None if math.isnan(v) else v
-
-
-def run(cfg: DictConfig) -> Path:
-    """``ablate evaluate``: score devkit results files, print per-class AP, write the JSON; returns its folder."""
-    from . import voc
-
-    task, split, metric = _task_name(cfg), str(cfg.split), str(cfg.metric)
-    if metric not in METRICS:
-        raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
-    if cfg.get("detections") in (None, ""):  # None also when left at ???
-        raise UserError("detections is not set: pass detections=<folder holding the devkit results files>")
-    folder = Path(str(cfg.detections)).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"detections={cfg.detections}: no such folder")
-    images = voc.load_split(_voc_root(cfg), split, check_images=False)
-    pattern = "comp4_det_{split}_<class>.txt" if task == "voc-det" else "comp2_cls_{split}_<class>.txt"
-    results = (voc.read_det_results if task == "voc-det" else voc.read_cls_results)(folder, split)
-    if not results:
-        raise UserError(f"detections={folder}: no {pattern.format(split=split)} files; expected the devkit's "
-                        "results files for this split")
-    missing = [c for c in CLASSES if c not in results]
-    if missing:
-        log.warning("%s: no results file for %d class(es), scored as no detections: %s", folder, len(missing),
-                    ", ".join(missing))
-    record: dict = {"task": task, "metric": metric, "split": split, "n_images": len(images),
-                    "n_detections": int(sum(len(r.ids) for r in results.values()))}
-    if task == "voc-det":
-        ap = voc_det_ap(images, results, metric)
-        if cfg.get("coco", True):
-            log.info("COCO-style AP through pycocotools (about a minute per million detections; coco=false skips it)")
-            record["coco"] = {k: _json_number(v) for k, v in coco_det_ap(images, results).items()}
-    else:
-        ap = voc_cls_ap(images, cls_score_matrix(images, results), metric)
-    record.update(map=_json_number(mean_ap(ap)), ap={c: _json_number(v) for c, v in ap.items()})
-    print(format_table(ap, f"{task} {split} AP ({metric}), {len(images)} images"))
-    if "coco" in record:
-        print("COCO " + " ".join(f"{k} {100 * v:.2f}" if v is not None else f"{k} n/a"
-                                 for k, v in record["coco"].items()))
-    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else folder / f"eval_{split}_{metric}.json"
-    atomic_write_json(output, record)
-    return output.parent

@@ -21,12 +21,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config import compose
 from .errors import UserError
 from .store import Stage
 
 log = logging.getLogger(__name__)
 
-RUN_ONLY_KEYS = {"experiment", "seeds", "jobs", "plan"}  # keys of conf/run.yaml that stages don't have
+RUN_ONLY_KEYS = {"experiment", "seeds", "jobs", "plan", "tasks"}  # keys of conf/run.yaml that stages don't have
 TRANSFER_ONLY_KEYS = {"task", "pretrain"}
 
 
@@ -59,24 +60,6 @@ def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose a stage command's config exactly as ``ablate <command> <overrides>`` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .cli import conf_dir
-
-    try:
-        if GlobalHydra.instance().is_initialized():
-            return hydra_compose(config_name=config_name, overrides=overrides)
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    except Exception as e:  # composition errors name the override; keep them on one line
-        raise UserError(f"experiment stage `ablate {config_name} {' '.join(overrides)}`: "
-                        f"{' '.join(str(e).split(' Config search path')[0].split())}") from e
-
-
 def set_overrides(entry: DictConfig, data_name: str) -> list[str]:
     """Overrides that select one pre-training set; ``<data name>:`` entries scale it to that dataset."""
     overrides = [f"subset={entry.subset}"] if entry.get("subset") else []
@@ -96,7 +79,7 @@ def plan(cfg: DictConfig) -> list[Job]:
     common = user_overrides()
     pretrain_common = [o for o in common if _override_key(o) not in TRANSFER_ONLY_KEYS]
     data_name = str(cfg.data.name)
-    tasks = (exp.get(data_name) or {}).get("tasks", exp.tasks)  # e.g. the demo runs classification only
+    tasks = list(cfg.tasks)
     jobs: list[Job] = []
     pretrains: dict[str, Job] = {}
     for seed in range(int(cfg.seeds)):
@@ -208,8 +191,16 @@ def execute(jobs: list[Job], workers: int) -> tuple[int, int]:
     return ran, reused
 
 
+def report(cfg: DictConfig) -> Path:
+    """``ablate report experiment=<name>``: tables and plots from whatever has finished (planned as ``run`` does,
+    so the two never disagree on where a result lives)."""
+    from . import report as tables
+
+    return tables.write(cfg, plan(cfg))
+
+
 def run(cfg: DictConfig) -> Path:
-    from . import report
+    from . import report as tables
 
     jobs = plan(cfg)
     if cfg.plan:
@@ -218,4 +209,4 @@ def run(cfg: DictConfig) -> Path:
     started = time.time()
     ran, reused = execute(jobs, worker_count(cfg))
     print(f"stages: {ran} ran, {reused} reused ({time.time() - started:.0f} s)")
-    return report.write(cfg, jobs)
+    return tables.write(cfg, jobs)

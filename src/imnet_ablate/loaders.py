@@ -1,7 +1,7 @@
 """Image pipelines for pre-training: decode, uint8 augmentation, a resumable deterministic sampler, DataLoaders.
 
 Batches are uint8 NCHW (a quarter of the bytes of float32 through the worker pipes); normalisation happens on the
-device (``models.normalize``). The sampler yields ``(index, aug_seed)`` keys: every image's crop and flip depend
+device (``Backbone.normalize``). The sampler yields ``(index, aug_seed)`` keys: every image's crop and flip depend
 only on ``(seed, epoch, index)``, never on which worker loaded it or whether the epoch was resumed midway, which is
 what makes an interrupted run bitwise identical to an uninterrupted one.
 
@@ -223,7 +223,7 @@ def collate(samples: list[tuple[torch.Tensor | None, int, str]]) -> tuple[torch.
 
     Crops of a channel-last decode (simplejpeg's HWC output, seen as CHW) are stacked as NHWC and returned as a
     channels_last NCHW view: each copy is then whole rows of pixels, not a gather of single bytes, and the model
-    wants channels_last anyway (``models.normalize``). With shared memory, about 30% more images per CPU-second."""
+    wants channels_last anyway (``Backbone.normalize``). With shared memory, about 30% more images per CPU-second."""
     good = [(img, label) for img, label, _ in samples if img is not None]
     bad = [path for img, _, path in samples if img is None]
     if not good:
@@ -296,15 +296,9 @@ def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, lo
                       generator=torch.Generator().manual_seed(sampler.seed))
 
 
-def build_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfig, loader_cfg: DictConfig
+def files_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfig, loader_cfg: DictConfig
                    ) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets of a subset folder for the configured backend (``loader=files|packed``)."""
-    if loader_cfg.name == "packed":
-        from . import pack
-
-        return pack.build_datasets(subset_dir, model_cfg, train_cfg, loader_cfg)
-    if loader_cfg.name != "files":
-        raise UserError(f"loader={loader_cfg.name}: unknown loader; expected files or packed")
+    """(train, val) for ``loader=files``: every image decoded from its own file."""
     root = data_root(subset_dir)
     size, resize = int(model_cfg.input_size), int(model_cfg.resize)
     train = FilesDataset(root, *read_split(subset_dir, "train"), Transform(size, resize, str(train_cfg.augment)))

@@ -217,9 +217,9 @@ def ensure(root: Path, listing: Sequence[tuple[str, str]], stage_root: Path, cfg
 
 def run(cfg: DictConfig) -> Path:
     """``ablate pack``: pack the full training listing of ``data``; with a ``subset``, also map it onto the store."""
-    from .datasets import resolve
+    from .datasets import root as dataset_root
 
-    root = resolve(cfg).imagenet
+    root = dataset_root(cfg, "imagenet")
     listing = train_listing(root, Path(cfg.paths.cache), cfg.data.get("train_listing"))
     path = ensure(root, listing, Path(cfg.pack.root), cfg.pack, cfg)
     if cfg.get("subset") is not None and cfg.subset.get("name", "full") != "full":

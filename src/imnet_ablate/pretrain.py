@@ -17,23 +17,22 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from . import loaders, models, store
+from . import loaders, models, pack, runtime, store
+from .config import conf_dir
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -155,25 +154,6 @@ def make_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.SGD:
     ], lr=o.lr, momentum=o.momentum)
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every random stream the loop draws on, in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": list(random.getstate())}
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 # -- processes, devices, signals ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Context:
@@ -189,10 +169,8 @@ class Context:
 def setup(cfg: DictConfig) -> Context:
     """Device, process group (under torchrun), determinism and speed switches."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("device=cuda: no CUDA device visible; use device=auto or device=cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = runtime.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -244,25 +222,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-@contextlib.contextmanager
-def log_to(path: Path, enabled: bool):
-    """Append this process's log records to ``log.txt`` (appended across resumes) while the stage runs."""
-    if not enabled:
-        yield
-        return
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-
-
 # -- outputs ----------------------------------------------------------------------------------------------------
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
@@ -273,13 +232,11 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def load_checkpoint(stage: store.Stage, ctx: Context) -> dict[str, Any] | None:
+    """The run's checkpoint, if any, after checking it belongs to this config and this number of processes."""
     path = stage.path / "checkpoint.pt"
-    if not path.is_file():
+    ckpt = runtime.load_checkpoint(path)
+    if ckpt is None:
         return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: torch raises many types here
-        raise UserError(f"{path}: unreadable checkpoint ({e}); delete it to start this run over") from e
     if ckpt.get("stage_hash") != stage.hash:
         raise UserError(f"{path}: written for a different config (hash {ckpt.get('stage_hash')}, this run "
                         f"{stage.hash}); delete the folder or rerun with the config recorded in its config.yaml")
@@ -287,6 +244,15 @@ def load_checkpoint(stage: store.Stage, ctx: Context) -> dict[str, Any] | None:
         raise UserError(f"{path}: written by {ckpt['world']} processes, this run has {ctx.world}; "
                         f"resume with train.devices={ckpt['world']}")
     return ckpt
+
+
+def build_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfig, loader_cfg: DictConfig
+                   ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """(train, val) datasets of a subset folder through the configured input pipeline (``loader=files|packed``)."""
+    builders = {"files": loaders.files_datasets, "packed": pack.build_datasets}
+    if loader_cfg.name not in builders:
+        raise UserError(f"loader={loader_cfg.name}: unknown loader; expected one of {', '.join(builders)}")
+    return builders[loader_cfg.name](subset_dir, model_cfg, train_cfg, loader_cfg)
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -306,7 +272,7 @@ def run(cfg: DictConfig) -> Path:
                 if ctx.main:
                     stage.write_spec({"subset_dir": str(folder)})
                     store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-                with log_to(stage.path / "log.txt", ctx.main):
+                with runtime.log_to(stage.path / "log.txt", ctx.main):
                     train(cfg, stage, folder, num_classes, ctx)
                 if ctx.main:
                     stage.finish(OUTPUTS)
@@ -346,9 +312,57 @@ def relaunch(cfg: DictConfig, stage: store.Stage) -> Path:
                     f"{stage.path / 'log.txt'}")
 
 
-def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, ctx: Context) -> None:
-    t, dev, out = cfg.train, ctx.device, stage.path
-    train_ds, val_ds = loaders.build_datasets(folder, cfg.model, t, cfg.loader)
+@dataclass
+class Training:
+    """Everything the loop carries from step to step; ``epoch``/``pos``/``it``/``history``/``stats`` are what a
+    checkpoint saves besides the model, optimizer, schedules and random streams."""
+
+    cfg: DictConfig
+    stage: store.Stage
+    subset_dir: Path
+    ctx: Context
+    plan: Plan
+    num_classes: int
+    model: models.Backbone
+    net: torch.nn.Module  # the model as trained: compiled and/or wrapped in DDP
+    optimizer: torch.optim.SGD
+    scheduler: Any
+    scaler: Any
+    sampler: loaders.ResumableSampler
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    autocast: Any
+    batch: int  # per process
+    max_bad: float  # unreadable images allowed per process
+    tb: Any
+    show: bool  # tqdm bar
+    pin: bool  # pinned host memory for batches
+    epoch: int = 0
+    pos: int = 0  # steps done in the current epoch
+    it: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=lambda: {"loss_sum": 0.0, "images": 0, "bad": 0})
+
+    def save(self, loss_sum: float | None = None) -> None:
+        """Checkpoint the current step (mid-epoch: with the epoch's loss sum so far); every rank's random streams,
+        rank 0 writes."""
+        stats = self.stats if loss_sum is None else {**self.stats, "loss_sum": loss_sum}
+        rng = [runtime.rng_state(self.ctx.device)]
+        if self.ctx.world > 1:
+            rng = [None] * self.ctx.world
+            dist.all_gather_object(rng, runtime.rng_state(self.ctx.device))
+        if self.ctx.main:
+            store.atomic_torch_save(self.stage.path / "checkpoint.pt", {
+                "stage_hash": self.stage.hash, "world": self.ctx.world, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "epoch": self.epoch, "pos": self.pos,
+                "iteration": self.it, "history": self.history, "stats": stats})
+
+
+def setup_training(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, ctx: Context) -> Training:
+    """Data, schedule, network, optimizer and loaders of a run; its state from ``checkpoint.pt`` if there is one."""
+    t, dev = cfg.train, ctx.device
+    train_ds, val_ds = build_datasets(folder, cfg.model, t, cfg.loader)
     plan = make_plan(t, len(train_ds), ctx.world)
     batch = int(t.batch_size) // ctx.world
     amp = {"auto": "bf16" if dev.type == "cuda" else "off"}.get(str(t.amp), str(t.amp))
@@ -361,137 +375,146 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
     optimizer = make_optimizer(model, t.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(plan.step_iters, float(t.schedule.gamma)))
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16")
-    ckpt = load_checkpoint(stage, ctx)
-    epoch, pos, it, history, stats = 0, 0, 0, [], {"loss_sum": 0.0, "images": 0, "bad": 0}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, pos, it, history, stats = ckpt["epoch"], ckpt["pos"], ckpt["iteration"], ckpt["history"], ckpt["stats"]
-        set_rng_state(ckpt["rng"][ctx.rank], dev)
-        log.info("resuming %s at epoch %d, step %d of the epoch (iteration %d)", out, epoch, pos, it)
-    else:
-        torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks
-        log.info("training %s: %d images, %d classes, %s; %d iterations (%d epochs of %d), lr /%g every %d",
-                 out, len(train_ds), num_classes, cfg.model.name, plan.total_iters, plan.epochs,
-                 plan.iters_per_epoch, 1 / float(t.schedule.gamma), plan.step_iters)
     net = torch.compile(model) if compile_ else model
     if ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     sampler = loaders.ResumableSampler(len(train_ds), int(cfg.seed), True, ctx.rank, ctx.world)
-    loader = loaders.make_loader(train_ds, sampler, batch, cfg.loader, drop_last=True, pin_memory=pin)
-    val_loader = loaders.make_loader(val_ds, loaders.ResumableSampler(len(val_ds), 0, False, ctx.rank, ctx.world,
-                                                                     pad=False), batch, cfg.loader, False, pin)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
-                              enabled=amp != "off")
-    size = int(cfg.model.input_size)
-    max_bad = float(cfg.loader.max_bad_fraction) * len(train_ds) / ctx.world
-    tb = tensorboard(out) if t.tensorboard and ctx.main else None
-    show = ctx.main and (t.progress is True or (t.progress == "auto" and sys.stderr.isatty()))
+    val_sampler = loaders.ResumableSampler(len(val_ds), 0, False, ctx.rank, ctx.world, pad=False)
+    tr = Training(
+        cfg, stage, folder, ctx, plan, num_classes, model, net, optimizer, scheduler, scaler, sampler,
+        loaders.make_loader(train_ds, sampler, batch, cfg.loader, drop_last=True, pin_memory=pin),
+        loaders.make_loader(val_ds, val_sampler, batch, cfg.loader, False, pin),
+        torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "off"),
+        batch, float(cfg.loader.max_bad_fraction) * len(train_ds) / ctx.world,
+        tensorboard(stage.path) if t.tensorboard and ctx.main else None,
+        ctx.main and (t.progress is True or (t.progress == "auto" and sys.stderr.isatty())), pin)
+    ckpt = load_checkpoint(stage, ctx)
+    if ckpt is not None:
+        for part in ("model", "optimizer", "scheduler", "scaler"):
+            getattr(tr, part).load_state_dict(ckpt[part])
+        tr.epoch, tr.pos, tr.it, tr.history, tr.stats = (ckpt[k] for k in ("epoch", "pos", "iteration", "history",
+                                                                             "stats"))
+        runtime.set_rng_state(ckpt["rng"][ctx.rank], dev)
+        log.info("resuming %s at epoch %d, step %d of the epoch (iteration %d)", stage.path, tr.epoch, tr.pos, tr.it)
+    else:
+        torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks
+        log.info("training %s: %d images, %d classes, %s; %d iterations (%d epochs of %d), lr /%g every %d",
+                 stage.path, len(train_ds), num_classes, cfg.model.name, plan.total_iters, plan.epochs,
+                 plan.iters_per_epoch, 1 / float(t.schedule.gamma), plan.step_iters)
+    return tr
 
-    def save(epoch: int, pos: int, stats: dict[str, Any]) -> None:
-        rng = [rng_state(dev)]
-        if ctx.world > 1:
-            rng = [None] * ctx.world
-            dist.all_gather_object(rng, rng_state(dev))
-        if ctx.main:
-            store.atomic_torch_save(out / "checkpoint.pt", {
-                "stage_hash": stage.hash, "world": ctx.world, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng, "epoch": epoch, "pos": pos, "iteration": it, "history": history, "stats": stats})
 
-    with StopRequest() as stop:
-        while epoch < plan.epochs:
-            sampler.set_epoch(epoch, pos * batch)
-            net.train()
-            t0, seen0, bad_paths = time.perf_counter(), stats["images"], []
-            loss_sum = torch.tensor(stats["loss_sum"], dtype=torch.float64, device=dev)  # no per-step GPU sync
-            bar = tqdm(total=plan.iters_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{plan.epochs}",
-                       unit="img", unit_scale=batch * ctx.world, disable=not show, mininterval=1.0,
-                       dynamic_ncols=True)  # counts steps, shows images and images/s
-            for images, labels, bad in loader:
-                if it >= plan.total_iters:
-                    break
-                stats["bad"] += len(bad)
-                bad_paths += bad
-                if stats["bad"] > max_bad:
-                    raise UserError(f"{stats['bad']} unreadable images in {folder} (first: {', '.join(bad_paths[:3])})"
-                                    f", more than loader.max_bad_fraction={cfg.loader.max_bad_fraction}; fix the "
-                                    f"data (ablate data check) or raise the fraction")
-                if not len(labels):  # every image of the batch unreadable: a zero-size step keeps ranks in step
-                    images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
-                x = models.normalize(images.to(dev, non_blocking=True))
-                y = labels.to(dev, non_blocking=True)
-                with autocast:
-                    loss = F.cross_entropy(net(x).float(), y, reduction="sum") / max(1, len(y))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                it, pos = it + 1, pos + 1
-                loss_sum += loss.detach() * len(y)
-                stats["images"] += len(y)
-                bar.update()
-                if it % int(t.log_every) == 0:
-                    rate = (stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-                    log.info("it %d/%d epoch %d loss %.4f lr %.3g %.0f img/s", it, plan.total_iters, epoch + 1,
-                             loss.item(), scheduler.get_last_lr()[0], rate)
-                    if tb:
-                        tb.add_scalar("train/loss", loss.item(), it)
-                if (ctx.world == 1 or it % STOP_POLL == 0) and flag(stop.signum is not None, ctx):
-                    save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
-                    log.warning("stop signal: checkpointed at iteration %d; rerun the command to resume", it)
-                    previous = stop.previous.get(stop.signum) if stop.signum is not None else None
-                    if ctx.main and callable(previous):  # e.g. submitit's requeue; rank 0 only, once per job
-                        previous(stop.signum, None)
-                    raise KeyboardInterrupt
-                if it % int(t.checkpoint_every) == 0:
-                    save(epoch, pos, {**stats, "loss_sum": float(loss_sum)})
-            bar.close()
-            if bad_paths:
-                log.warning("epoch %d: skipped %d unreadable images (first: %s)", epoch + 1, len(bad_paths),
-                            ", ".join(bad_paths[:5]))
-            loss_total, images = all_sum([float(loss_sum), stats["images"]], ctx)
-            rate = (stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
-            epoch, pos = epoch + 1, 0
-            last = it >= plan.total_iters
-            row = {"epoch": epoch, "iteration": it, "loss": round(loss_total / max(1, images), 6), "top1": "",
-                   "top5": "", "val_loss": "", "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
-                   "images_per_s": round(rate, 1)}
-            if epoch % int(t.eval_every) == 0 or last:
-                row.update(evaluate(net, val_loader, autocast, num_classes, ctx))
-            history.append(row)
-            stats = {"loss_sum": 0.0, "images": 0, "bad": 0}
-            log.info("epoch %d/%d: %s", epoch, plan.epochs, " ".join(f"{k} {v}" for k, v in row.items()))
-            if tb:
-                for k in ("loss", "top1", "top5", "val_loss"):
-                    if row[k] != "":
-                        tb.add_scalar(f"epoch/{k}", row[k], epoch)
-            if ctx.main:
-                write_metrics_csv(out / "metrics.csv", history)
-            save(epoch, pos, stats)
-            if last:
-                break
-    if tb:
-        tb.close()
-    probe = probe_1k(cfg, model, ctx, autocast, pin) if t.imagenet_1k_probe.enabled else {}
+def train_one_epoch(tr: Training, stop: StopRequest) -> tuple[torch.Tensor, list[str], float, int]:
+    """Steps until the epoch (or the schedule) ends, from ``tr.pos``; a stop signal checkpoints at the current step
+    and raises KeyboardInterrupt. Returns the epoch's loss sum (on the device), its unreadable images, its start time
+    and the images seen before it."""
+    t, ctx, dev = tr.cfg.train, tr.ctx, tr.ctx.device
+    tr.sampler.set_epoch(tr.epoch, tr.pos * tr.batch)
+    tr.net.train()
+    t0, seen0, bad_paths = time.perf_counter(), tr.stats["images"], []
+    loss_sum = torch.tensor(tr.stats["loss_sum"], dtype=torch.float64, device=dev)  # no per-step GPU sync
+    bar = tqdm(total=tr.plan.iters_per_epoch, initial=tr.pos, desc=f"epoch {tr.epoch + 1}/{tr.plan.epochs}",
+               unit="img", unit_scale=tr.batch * ctx.world, disable=not tr.show, mininterval=1.0,
+               dynamic_ncols=True)  # counts steps, shows images and images/s
+    size = int(tr.cfg.model.input_size)
+    for images, labels, bad in tr.loader:
+        if tr.it >= tr.plan.total_iters:
+            break
+        tr.stats["bad"] += len(bad)
+        bad_paths += bad
+        if tr.stats["bad"] > tr.max_bad:
+            raise UserError(f"{tr.stats['bad']} unreadable images in {tr.subset_dir} (first: "
+                            f"{', '.join(bad_paths[:3])}), more than loader.max_bad_fraction="
+                            f"{tr.cfg.loader.max_bad_fraction}; fix the data (ablate data check) or raise the fraction")
+        if not len(labels):  # every image of the batch unreadable: a zero-size step keeps ranks in step
+            images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        x = tr.model.normalize(images.to(dev, non_blocking=True))
+        y = labels.to(dev, non_blocking=True)
+        with tr.autocast:
+            loss = F.cross_entropy(tr.net(x).float(), y, reduction="sum") / max(1, len(y))
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.scaler.scale(loss).backward()
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+        tr.scheduler.step()
+        tr.it, tr.pos = tr.it + 1, tr.pos + 1
+        loss_sum += loss.detach() * len(y)
+        tr.stats["images"] += len(y)
+        bar.update()
+        if tr.it % int(t.log_every) == 0:
+            rate = (tr.stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+            log.info("it %d/%d epoch %d loss %.4f lr %.3g %.0f img/s", tr.it, tr.plan.total_iters, tr.epoch + 1,
+                     loss.item(), tr.scheduler.get_last_lr()[0], rate)
+            if tr.tb:
+                tr.tb.add_scalar("train/loss", loss.item(), tr.it)
+        if (ctx.world == 1 or tr.it % STOP_POLL == 0) and flag(stop.signum is not None, ctx):
+            tr.save(float(loss_sum))
+            log.warning("stop signal: checkpointed at iteration %d; rerun the command to resume", tr.it)
+            previous = stop.previous.get(stop.signum) if stop.signum is not None else None
+            if ctx.main and callable(previous):  # e.g. submitit's requeue; rank 0 only, once per job
+                previous(stop.signum, None)
+            raise KeyboardInterrupt
+        if tr.it % int(t.checkpoint_every) == 0:
+            tr.save(float(loss_sum))
+    bar.close()
+    return loss_sum, bad_paths, t0, seen0
+
+
+def end_of_epoch(tr: Training, loss_sum: torch.Tensor, bad_paths: list[str], t0: float, seen0: int) -> bool:
+    """Epoch summary (validation when due), metrics.csv and a checkpoint; True when the schedule is done."""
+    t, ctx = tr.cfg.train, tr.ctx
+    if bad_paths:
+        log.warning("epoch %d: skipped %d unreadable images (first: %s)", tr.epoch + 1, len(bad_paths),
+                    ", ".join(bad_paths[:5]))
+    loss_total, images = all_sum([float(loss_sum), tr.stats["images"]], ctx)
+    rate = (tr.stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
+    tr.epoch, tr.pos = tr.epoch + 1, 0
+    last = tr.it >= tr.plan.total_iters
+    row = {"epoch": tr.epoch, "iteration": tr.it, "loss": round(loss_total / max(1, images), 6), "top1": "",
+           "top5": "", "val_loss": "", "lr": float(f"{tr.scheduler.get_last_lr()[0]:.6g}"),
+           "images_per_s": round(rate, 1)}
+    if tr.epoch % int(t.eval_every) == 0 or last:
+        row.update(evaluate(tr.net, tr.model, tr.val_loader, tr.autocast, tr.num_classes, ctx))
+    tr.history.append(row)
+    tr.stats = {"loss_sum": 0.0, "images": 0, "bad": 0}
+    log.info("epoch %d/%d: %s", tr.epoch, tr.plan.epochs, " ".join(f"{k} {v}" for k, v in row.items()))
+    if tr.tb:
+        for k in ("loss", "top1", "top5", "val_loss"):
+            if row[k] != "":
+                tr.tb.add_scalar(f"epoch/{k}", row[k], tr.epoch)
     if ctx.main:
-        store.atomic_torch_save(out / "model.pt", model.state_dict())
-        final = next(r for r in reversed(history) if r["top1"] != "")
-        store.atomic_write_json(out / "metrics.json", {
-            "num_classes": num_classes, "train_images": len(train_ds), "val_images": len(val_ds),
-            "model": cfg.model.name, "recipe": t.name, "budget": t.budget, "plan": asdict(plan), "world": ctx.world,
-            "subset_dir": str(folder), "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
-            "loss": history[-1]["loss"], "iterations": it, "epochs": history[-1]["epoch"], **probe})
+        write_metrics_csv(tr.stage.path / "metrics.csv", tr.history)
+    tr.save()
+    return last
+
+
+def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, ctx: Context) -> None:
+    """The whole schedule (or its remainder after a resume), then the final network and its metrics."""
+    tr = setup_training(cfg, stage, folder, num_classes, ctx)
+    with StopRequest() as stop:
+        while tr.epoch < tr.plan.epochs:
+            if end_of_epoch(tr, *train_one_epoch(tr, stop)):
+                break
+    if tr.tb:
+        tr.tb.close()
+    probe = probe_1k(cfg, tr) if cfg.train.imagenet_1k_probe.enabled else {}
+    if ctx.main:
+        store.atomic_torch_save(stage.path / "model.pt", tr.model.state_dict())
+        final = next(r for r in reversed(tr.history) if r["top1"] != "")
+        store.atomic_write_json(stage.path / "metrics.json", {
+            "num_classes": num_classes, "train_images": len(tr.loader.dataset), "val_images": len(tr.val_loader.dataset),
+            "model": cfg.model.name, "recipe": cfg.train.name, "budget": cfg.train.budget, "plan": asdict(tr.plan),
+            "world": ctx.world, "subset_dir": str(folder), "top1": final["top1"], "top5": final["top5"],
+            "val_loss": final["val_loss"], "loss": tr.history[-1]["loss"], "iterations": tr.it,
+            "epochs": tr.history[-1]["epoch"], **probe})
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: torch.utils.data.DataLoader, autocast: Any, num_classes: int,
-             ctx: Context) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean loss on the subset's val.tsv (centre crops), summed over ranks."""
+def evaluate(net: torch.nn.Module, model: models.Backbone, loader: torch.utils.data.DataLoader, autocast: Any,
+             num_classes: int, ctx: Context) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean loss of ``net`` (``model`` as trained) on a val set (centre crops), summed over
+    ranks."""
     net.eval()
     k = min(5, num_classes)
     totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-k hits, images
@@ -500,7 +523,7 @@ def evaluate(net: torch.nn.Module, loader: torch.utils.data.DataLoader, autocast
         bad += bad_batch
         if not len(labels):
             continue
-        x = models.normalize(images.to(ctx.device, non_blocking=True))
+        x = model.normalize(images.to(ctx.device, non_blocking=True))
         y = labels.to(ctx.device, non_blocking=True)
         with autocast:
             logits = net(x).float()
@@ -514,18 +537,17 @@ def evaluate(net: torch.nn.Module, loader: torch.utils.data.DataLoader, autocast
     return {"top1": round(100 * top1 / n, 4), "top5": round(100 * topk / n, 4), "val_loss": round(loss / n, 6)}
 
 
-def probe_1k(cfg: DictConfig, model: models.AlexNetLike, ctx: Context, autocast: Any, pin: bool
-             ) -> dict[str, float]:
+def probe_1k(cfg: DictConfig, tr: Training) -> dict[str, float]:
     """The paper's ImageNet measure for reduced-class networks: with the network frozen, a new last layer for every
     class of ``subset=full`` (same data) is trained on its training set; its top-1 / top-5 on the full val set.
     Not checkpointed: an interrupted probe starts over (the training itself resumes at its end)."""
     from . import subsets
-    from .cli import conf_dir
 
+    model, ctx, autocast, pin = tr.model, tr.ctx, tr.autocast, tr.pin
     p, dev = cfg.train.imagenet_1k_probe, ctx.device
     full = OmegaConf.merge(cfg, {"subset": OmegaConf.load(conf_dir() / "subset" / "full.yaml"), "subset_dir": None})
     folder = subsets.build(full)
-    train_ds, val_ds = loaders.build_datasets(folder, cfg.model, cfg.train, cfg.loader)
+    train_ds, val_ds = build_datasets(folder, cfg.model, cfg.train, cfg.loader)
     num_classes = int(json.loads((folder / "manifest.json").read_text())["num_classes"])
     head = torch.nn.Linear(model.feature_dim, num_classes).to(dev)
     optimizer = torch.optim.SGD(head.parameters(), lr=float(p.lr), momentum=0.9, weight_decay=5e-4)
@@ -541,7 +563,7 @@ def probe_1k(cfg: DictConfig, model: models.AlexNetLike, ctx: Context, autocast:
             if not len(labels):
                 images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
             with torch.no_grad(), autocast:
-                features = model.features(models.normalize(images.to(dev, non_blocking=True))).float()
+                features = model.features(model.normalize(images.to(dev, non_blocking=True))).float()
             loss = F.cross_entropy(head(features), labels.to(dev, non_blocking=True), reduction="sum")
             optimizer.zero_grad(set_to_none=True)
             (loss / max(1, len(labels))).backward()
@@ -554,7 +576,7 @@ def probe_1k(cfg: DictConfig, model: models.AlexNetLike, ctx: Context, autocast:
                                                                      pad=False), batch, cfg.loader, False, pin)
     trained_head, model.head = model.head, head
     try:
-        scores = evaluate(model, val_loader, autocast, num_classes, ctx)
+        scores = evaluate(model, model, val_loader, autocast, num_classes, ctx)
     finally:
         model.head = trained_head
     log.info("1000-class probe: top-1 %.2f%%, top-5 %.2f%%", scores["top1"], scores["top5"])

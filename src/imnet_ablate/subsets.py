@@ -241,7 +241,7 @@ def _stats(values: list[int]) -> dict[str, float]:
 def _listing(cfg: DictConfig) -> imagenet.Listing:
     """The cached listing, minus the files the last `ablate data check` of this root found unusable."""
     data = cfg.data
-    listing = imagenet.list_imagenet(datasets.resolve(cfg).imagenet, Path(cfg.paths.cache), data.get("train_listing"),
+    listing = imagenet.list_imagenet(datasets.root(cfg, "imagenet"), Path(cfg.paths.cache), data.get("train_listing"),
                                      data.get("val_dir") or "val", data.get("val_labels"))
     return datacheck.without_known_bad(listing, Path(cfg.paths.cache))
 

@@ -294,3 +294,11 @@ def read_cls_results(folder: Path | str, split: str, classes: Iterable[str] = CL
     """The ``comp2_cls`` files present in ``folder`` (classes without a file are left out of the result)."""
     return _read_results(folder, split, classes, cls_results_path, "<image_id> <score>",
                          lambda ids, v: ClassScores(ids, v[:, 0].copy()))
+
+
+def warn_missing_classes(folder: Path | str, results: Mapping[str, Any]) -> None:
+    """Scoring a folder of results files: classes without a file score as if nothing was found; say which."""
+    missing = [c for c in CLASSES if c not in results]
+    if missing:
+        log.warning("%s: no results file for %d class(es), scored as no detections: %s", folder, len(missing),
+                    ", ".join(missing))

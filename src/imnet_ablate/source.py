@@ -1,0 +1,120 @@
+"""The network a transfer starts from: ``pretrain=subset | <run_dir> | scratch | torchvision``.
+
+``source_of`` names it without loading or training anything (``ablate run`` plans with it, and ``plan=true`` writes
+nothing); ``load_network`` returns it as a ``Backbone``, pre-training it first for ``pretrain=subset`` when its
+folder is not finished. Shared by every task.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+from omegaconf import DictConfig
+
+from . import models
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCRATCH_HEAD = 20  # classes of a scratch network's (replaced) head: 0.1 built it for VOC, so seeds draw the same weights
+
+
+class Source(NamedTuple):
+    """Which network a transfer starts from; known without loading (or training) it."""
+
+    key: str  # the pretrain stage hash, or "scratch" / "torchvision[-<model>]": what the transfer's hash takes
+    name: str  # the pretrain folder name, or the key: the start of the transfer folder's name
+    folder: Path | None  # the pretrain folder (it may not be trained yet for pretrain=subset)
+
+
+class TorchvisionWeights(NamedTuple):
+    file: str  # in <torch hub dir>/checkpoints/, as torchvision's downloader names it
+    model: dict  # the model config they fit
+    rename: dict[str, str]  # torchvision's state-dict prefixes -> ours
+
+
+# pretrain=torchvision: the ImageNet weights torchvision publishes, by model name (any other model: AlexNet, as 0.1)
+TORCHVISION: dict[str, TorchvisionWeights] = {
+    "alexnet": TorchvisionWeights(
+        "alexnet-owt-7be5be79.pth",
+        {"name": "alexnet", "input_size": 224, "resize": 256, "dropout": 0.5, "init": "default"},
+        {"features": "trunk", "classifier.1": "fc6.1", "classifier.4": "fc7.1", "classifier.6": "head"}),
+}
+
+
+def pretrain_cfg(cfg: DictConfig) -> DictConfig:
+    """The pre-training config of ``pretrain=subset``: this config with ``seed = pretrain_seed``."""
+    pre = cfg.copy()
+    pre.seed = cfg.pretrain_seed
+    return pre
+
+
+def _torchvision_entry(cfg: DictConfig) -> tuple[str, TorchvisionWeights]:
+    name = str(cfg.model.name)
+    return (f"torchvision-{name}", TORCHVISION[name]) if name in TORCHVISION and name != "alexnet" \
+        else ("torchvision", TORCHVISION["alexnet"])
+
+
+def source_of(cfg: DictConfig) -> Source:
+    """``cfg.pretrain``: a pre-training folder, ``subset`` (the pre-training of cfg.subset/model/train),
+    ``scratch`` (the architecture of ``cfg.model``, random weights) or ``torchvision`` (its ImageNet weights of
+    ``cfg.model``; AlexNet for models it has none of)."""
+    choice = str(cfg.pretrain)
+    if choice == "scratch":
+        return Source("scratch", "scratch", None)
+    if choice == "torchvision":
+        key, _ = _torchvision_entry(cfg)
+        return Source(key, key, None)
+    if choice == "subset":
+        from . import pretrain
+
+        stage = pretrain.stage(pretrain_cfg(cfg))
+        return Source(stage.hash, stage.path.name, stage.path)
+    folder = Path(choice).expanduser().resolve()
+    try:
+        key = str(json.loads((folder / "DONE").read_text())["hash"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"pretrain={choice}: not a finished pre-training folder (no valid DONE); expected a run_dir "
+                        "printed by `ablate pretrain`, or subset / scratch / torchvision") from e
+    return Source(key, folder.name, folder)
+
+
+def load_network(cfg: DictConfig, source: Source) -> models.Backbone:
+    """The network ``source`` names; ``pretrain=subset`` trains it first unless its folder is finished."""
+    import torch
+
+    if source.key == "scratch":
+        torch.manual_seed(int(cfg.seed))  # the random initialisation is part of what the seed picks
+        return models.build(cfg.model, SCRATCH_HEAD)
+    if source.key.startswith("torchvision"):
+        return torchvision_network(cfg)
+    if str(cfg.pretrain) == "subset":
+        from . import pretrain
+
+        pretrain.run(pretrain_cfg(cfg))
+    return models.load_pretrained(source.folder)[0]
+
+
+def torchvision_network(cfg: DictConfig) -> models.Backbone:
+    """torchvision's ImageNet weights for ``cfg.model`` (same layout), read from the torch hub cache only: this
+    tool never downloads."""
+    import torch
+
+    _, weights = _torchvision_entry(cfg)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / weights.file
+    if not path.is_file():
+        raise UserError(f"pretrain=torchvision: {path} not found; download it where there is network access "
+                        f"(torchvision.models.{weights.model['name']}(weights='IMAGENET1K_V1')) and copy it there")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = models.build(weights.model, 1000)
+    model.load_state_dict({_renamed(k, weights.rename): v for k, v in state.items()})
+    return model
+
+
+def _renamed(key: str, rename: dict[str, str]) -> str:
+    for old, new in rename.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    return key

@@ -1,0 +1,168 @@
+"""The machinery every transfer task shares: images in memory, frozen features and linear probes, and an
+iteration-based SGD loop that resumes from its checkpoint.
+
+Batches and augmentation depend only on ``(seed, iteration)`` (``batch_indices``, ``iteration_generator``), so a run
+resumed from ``checkpoint.pt`` replays exactly the batches of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from omegaconf import DictConfig
+from torch import nn
+
+from .. import runtime
+from ..errors import UserError
+from ..loaders import decode
+from ..store import atomic_torch_save
+from . import TaskRun
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[int], dict[str, torch.Tensor]]  # iteration -> named losses (summed for the update)
+
+
+# -- images -------------------------------------------------------------------------------------------------------
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 RGB CHW of one image file; an unreadable one is a one-line error naming it."""
+    try:
+        return decode(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from e
+
+
+def load_resized(paths: Sequence[Path], size: int, workers: int = 4) -> torch.Tensor:
+    """All images squashed to ``size`` x ``size`` (whole image kept: objects near the border still count)."""
+    def one(path: Path) -> torch.Tensor:
+        return TF.resize(read_image(path), [size, size], antialias=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return torch.stack(list(pool.map(one, paths)))
+
+
+def random_crop_flip(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    top = int(torch.randint(0, h - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+    out = img[:, top:top + size, left:left + size]
+    return out.flip(-1) if torch.rand((), generator=g) < 0.5 else out
+
+
+def batch_indices(n: int, batch: int, seed: int, iteration: int) -> torch.Tensor:
+    """The images of one iteration: epoch-wise permutations seeded by (seed, epoch), so a resume replays them."""
+    per_epoch = max(1, n // batch)
+    epoch, step = divmod(iteration, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[step * batch:(step + 1) * batch]
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 7_919 + iteration * 2_654_435_761) % 2 ** 61)
+
+
+# -- frozen features and linear probes -----------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(backbone: nn.Module, x: torch.Tensor, layer: str, device: torch.device, batch: int = 128
+                     ) -> torch.Tensor:
+    """Features of uint8 images at ``layer`` (``Backbone.features``), in eval mode, on the CPU as float32."""
+    backbone.eval().to(device)
+    return torch.cat([backbone.features(backbone.normalize(chunk.to(device)), layer).float().cpu()
+                      for chunk in x.split(batch)])
+
+
+def cached_features(run: TaskRun, split: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``features_<split>.pt`` in the stage folder, computed once: a resumed probe does not run the network again."""
+    path = run.stage.path / f"features_{split}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    feats = compute()
+    atomic_torch_save(path, feats)
+    return feats
+
+
+def feature_stats(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the training features: standardising makes one L2 penalty fit any layer."""
+    return train.mean(0), train.std(0).clamp(min=1e-6)
+
+
+def fit_linear(feats: torch.Tensor, outputs: int, loss: Callable[[torch.Tensor], torch.Tensor], lin: DictConfig
+               ) -> nn.Linear:
+    """An L2-regularised linear classifier on (standardised) features, full-batch L-BFGS: deterministic, and
+    cheap at any scale. ``loss(logits)`` is the task's data term (per-class BCE, softmax cross-entropy, ...)."""
+    clf = nn.Linear(feats.shape[1], outputs)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=lin.iterations, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = loss(clf(feats)) + 0.5 * lin.weight_decay * clf.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return clf
+
+
+def linear_probe(run: TaskRun, train: torch.Tensor, test: torch.Tensor, outputs: int,
+                 loss: Callable[[torch.Tensor], torch.Tensor], lin: DictConfig) -> torch.Tensor:
+    """Test-set logits of a linear classifier on standardised frozen features (the classifier and the
+    standardisation are kept in ``checkpoint.pt``)."""
+    mean, std = feature_stats(train)
+    clf = fit_linear((train - mean) / std, outputs, loss, lin)
+    atomic_torch_save(run.stage.path / "checkpoint.pt",
+                      {"linear": clf.state_dict(), "mean": mean, "std": std, "iteration": lin.iterations})
+    with torch.no_grad():
+        return clf((test - mean) / std)
+
+
+# -- SGD over iterations -------------------------------------------------------------------------------------------
+def sgd(groups: list[dict[str, Any]], opt_cfg: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with momentum and weight decay; the lr times ``gamma`` at each of ``steps`` (iterations)."""
+    opt = torch.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(opt_cfg.steps), gamma=opt_cfg.gamma)
+
+
+def train_steps(run: TaskRun, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, iterations: int,
+                step: Step, every: DictConfig) -> None:
+    """``iterations`` SGD updates of ``model`` on the summed losses of ``step(iteration)``, resuming from (and
+    writing every ``every.checkpoint_every`` iterations, and at the end) ``checkpoint.pt``: model, optimizer,
+    schedule, iteration and every random stream."""
+    path = run.stage.path / "checkpoint.pt"
+    start = _resume(path, model, optimizer, scheduler, run.device)
+    for it in range(start, iterations):
+        losses = step(it)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if (it + 1) % every.log_every == 0:
+            parts = f" ({' '.join(f'{k} {v.item():.3f}' for k, v in losses.items())})" if len(losses) > 1 else ""
+            log.info("iter %d/%d loss %.4f%s lr %.2g", it + 1, iterations, loss.item(), parts,
+                     scheduler.get_last_lr()[0])
+        if (it + 1) % every.checkpoint_every == 0 or it + 1 == iterations:
+            runtime.save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict(), "iteration": it + 1,
+                                           "rng": runtime.rng_state(run.device)})
+
+
+def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
+            ) -> int:
+    """Restore a run interrupted mid-training; returns the iteration to continue from (0 if none)."""
+    state = runtime.load_checkpoint(path)
+    if state is None or "optimizer" not in state:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    runtime.set_rng_state(state["rng"], device)
+    log.info("resuming from %s at iteration %d", path, state["iteration"])
+    return int(state["iteration"])

@@ -1,0 +1,116 @@
+"""voc-cls: PASCAL VOC 2007 image classification (20 labels, multi-label), per-class AP with the devkit's rule.
+
+Not one of the paper's three tasks, but the cheapest view of a representation: ``protocol: linear`` trains 20
+L2-regularised logistic regressions on frozen features (cached in the stage folder); ``protocol: finetune`` trains
+the whole network with a new 20-way head and a masked BCE (images whose objects of a class are all difficult are
+left out of that class's loss, as the devkit leaves them out of its AP). Scores go to devkit results files
+(``results/comp2_cls_<split>_<class>.txt``) so ``ablate evaluate`` rescores them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from .. import evaluate, voc
+from ..errors import UserError
+from . import Metrics, Task, TaskRun, training
+
+PROTOCOLS = ("linear", "finetune")
+
+
+def cls_targets(images: Sequence[voc.VocImage]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, weights) N x 20 from the evaluator's ground truth: an image whose objects of a class are all
+    difficult gets weight 0 for that class, left out of the loss as the devkit leaves it out of AP."""
+    gt = torch.from_numpy(evaluate.cls_ground_truth(images))
+    return (gt == 1).float(), (gt != 0).float()
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits, targets, weight=weights, reduction="sum")
+    return loss / weights.sum().clamp(min=1.0)
+
+
+def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor, ft: Any) -> torch.Tensor:
+    """The whole network with a new 20-way head (``head_lr_mult`` x lr): random crops + flips, masked BCE.
+    Test score: mean logit of the image and its mirror."""
+    model, size, device = run.backbone, x_test.shape[-1], run.device
+    head = model.replace_head(len(voc.CLASSES))
+    model.to(device).train()
+    head_params = set(head.parameters())
+    groups = [{"params": [p for p in model.parameters() if p not in head_params]},
+              {"params": list(head_params), "lr": ft.optimizer.lr * ft.head_lr_mult}]
+    opt, sched = training.sgd(groups, ft.optimizer)
+
+    def step(it: int) -> dict[str, torch.Tensor]:
+        idx = training.batch_indices(len(x_train), ft.batch_size, run.seed, it)
+        g = training.iteration_generator(run.seed, it)
+        xb = torch.stack([training.random_crop_flip(x_train[i], size, g) for i in idx.tolist()]).to(device)
+        return {"bce": masked_bce(model(model.normalize(xb)), targets[idx].to(device), weights[idx].to(device))}
+
+    training.train_steps(run, model, opt, sched, ft.iterations, step, ft)
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([(model(model.normalize(c.to(device))) + model(model.normalize(c.flip(-1).to(device))))
+                          .cpu() / 2 for c in x_test.split(128)])
+
+
+class VocClassification(Task):
+    datasets = ("voc2007",)
+    score_name = "mAP"
+
+    def spec(self) -> dict[str, Any]:
+        """The task config without the settings of the protocol not in use (they change nothing)."""
+        spec = super().spec()
+        spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
+        return spec
+
+    def check(self) -> None:
+        if self.cfg.protocol not in PROTOCOLS:
+            raise UserError(f"task.protocol={self.cfg.protocol}: expected one of {', '.join(PROTOCOLS)}")
+
+    def run(self, run: TaskRun) -> Metrics:
+        task, root = self.cfg, run.roots["voc2007"]
+        train_imgs, test_imgs = voc.load_split(root, task.train_split), voc.load_split(root, task.test_split)
+        size = int(task.image_size or run.backbone.input_size)
+        train_size = size if task.protocol == "linear" else round(size * task.finetune.train_resize)
+
+        def pixels(images: Sequence[voc.VocImage], side: int) -> torch.Tensor:
+            return training.load_resized([voc.image_path(root, img.id) for img in images], side)
+
+        x_train, x_test = pixels(train_imgs, train_size), pixels(test_imgs, size)
+        targets, weights = cls_targets(train_imgs)
+        if task.protocol == "linear":
+            def feats(split: str, x: torch.Tensor) -> torch.Tensor:
+                return training.cached_features(run, split, lambda: training.extract_features(
+                    run.backbone, x, task.feature, run.device))
+
+            scores = training.linear_probe(run, feats("trainval", x_train), feats("test", x_test), len(voc.CLASSES),
+                                           lambda logits: masked_bce(logits, targets, weights), task.linear)
+        else:
+            scores = finetune(run, x_train, x_test, targets, weights, task.finetune)
+        ids = np.array([img.id for img in test_imgs], dtype=str)
+        results = {c: voc.ClassScores(ids, scores[:, k].double().numpy()) for k, c in enumerate(voc.CLASSES)}
+        voc.write_cls_results(run.stage.path / self.results_dir, task.test_split, results)
+        ap = evaluate.voc_cls_ap(test_imgs, scores.double().numpy(), task.metric)
+        return Metrics(self.name, str(task.metric), self.score_name, evaluate.mean_ap(ap), ap,
+                       {"protocol": task.protocol, "n_images": len(test_imgs)})
+
+    def score_files(self, folder: Path, roots: dict[str, Path], split: str, metric: str, options: DictConfig
+                    ) -> Metrics:
+        images = voc.load_split(roots["voc2007"], split, check_images=False)
+        results = voc.read_cls_results(folder, split)
+        if not results:
+            raise UserError(f"detections={folder}: no comp2_cls_{split}_<class>.txt files; expected the devkit's "
+                            "classification results files for this split")
+        voc.warn_missing_classes(folder, results)
+        ap = evaluate.voc_cls_ap(images, evaluate.cls_score_matrix(images, results), metric)
+        return Metrics(self.name, metric, self.score_name, evaluate.mean_ap(ap), ap,
+                       {"split": split, "n_images": len(images),
+                        "n_detections": int(sum(len(r.ids) for r in results.values()))})
