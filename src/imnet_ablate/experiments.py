@@ -48,12 +48,15 @@ class Job:
 
 
 def user_overrides() -> list[str]:
-    """The command line's overrides, minus the keys that belong to ``ablate run`` itself."""
+    """The command line's overrides, minus the keys that belong to ``ablate run`` itself, plus its
+    ``hydra.searchpath`` (where a user's own tasks and backbones live)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
-    return [o for o in HydraConfig.get().overrides.task if _override_key(o) not in RUN_ONLY_KEYS]
+    overrides = HydraConfig.get().overrides
+    return ([o for o in overrides.task if _override_key(o) not in RUN_ONLY_KEYS]
+            + [o for o in overrides.hydra if o.startswith("hydra.searchpath=")])
 
 
 def _override_key(override: str) -> str:
