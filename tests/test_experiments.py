@@ -94,3 +94,19 @@ def test_multirun_over_two_presets_gives_two_folders_and_one_table(demo_cache, t
     rows = [ln for ln in report.stdout.splitlines() if ln.startswith("| voc-cls")]
     assert len(rows) == 2 and "missing runs" not in report.stdout
     assert len((tmp_path / "results" / "demo" / "table.csv").read_text().splitlines()) == 1 + 2
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+
+
+def test_plan_writes_nothing(demo_cache, tmp_path):
+    before = files_under(demo_cache)
+    plan = run_ablate("run", *args(demo_cache, tmp_path, "plan=true"))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "0 done, 3 to run" in plan.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    assert files_under(demo_cache) == before  # no listing cache, no demo data, nothing
+    fresh = run_ablate("run", *args(tmp_path / "empty-cache", tmp_path, "plan=true"))
+    assert fresh.returncode == 2 and "not generated yet" in fresh.stderr and "Traceback" not in fresh.stderr
+    assert not (tmp_path / "empty-cache").exists()

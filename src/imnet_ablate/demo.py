@@ -35,6 +35,7 @@ from PIL import Image
 
 from . import wordnet
 from .errors import UserError
+from . import store
 from .store import spec_hash
 
 GENERATOR_VERSION = 1
@@ -583,7 +584,11 @@ def generate(params: DemoParams, out: Path, workers: int) -> None:
 
 @contextlib.contextmanager
 def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
-    """A temporary folder beside the final one (same file system, so the final rename is atomic), removed after."""
+    """A temporary folder beside the final one (same file system, so the final rename is atomic), removed after.
+    Every generator starts here: while planning (plan=true writes nothing) a missing dataset is a one-line error."""
+    if not store.writes_allowed():
+        raise UserError(f"the demo data is not generated yet ({parent}) and planning writes nothing: generate it "
+                        "first (`ablate data demo`, or run without plan=true)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import compose
 from .errors import UserError
-from .store import Stage
+from .store import Stage, read_only
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,11 @@ def report(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig) -> Path:
     from . import report as tables
 
-    jobs = plan(cfg)
-    if cfg.plan:
-        print_plan(jobs)
+    if cfg.plan:  # the same lookups as a run, and nothing written
+        with read_only():
+            print_plan(plan(cfg))
         return Path(cfg.paths.runs)
+    jobs = plan(cfg)
     started = time.time()
     ran, reused = execute(jobs, worker_count(cfg))
     print(f"stages: {ran} ran, {reused} reused ({time.time() - started:.0f} s)")

@@ -212,7 +212,9 @@ def _save(path: Path, root: Path, train: Scan, val: Scan) -> tuple[str, ClassFil
             for split, scan in (("train", train), ("val", val)) for wnid, (prefix, listed) in scan.items()]
     checksum = hashlib.sha256(b"".join(b"%s%s\n" % (head, x.digest) for head, x in rows)).hexdigest()
     header = f"# imnet-ablate listing v{CACHE_VERSION}\t{checksum}\t{root}\n".encode("utf-8", "surrogateescape")
-    store.atomic_write_bytes(path, b"".join([header, *(part for head, x in rows for part in (head, x.line, b"\n"))]))
+    if store.writes_allowed():  # planning (plan=true) lists without caching
+        store.atomic_write_bytes(path, b"".join([header, *(part for head, x in rows for part in (head, x.line,
+                                                                                                  b"\n"))]))
     files = [{wnid: Files(prefix, x.names) for wnid, (prefix, x) in scan.items()} for scan in (train, val)]
     return checksum, *files
 

@@ -7,6 +7,7 @@ a folder with a valid ``DONE`` marker is finished and reused; one without it is 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import functools
 import importlib.metadata
@@ -52,6 +53,29 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("read_only", default=False)
+
+
+@contextlib.contextmanager
+def read_only() -> Iterator[None]:
+    """Inside, nothing may be written (``ablate run plan=true`` plans with the same stage lookups that run uses):
+    caches are not updated, and a write that would happen anyway is a bug, refused loudly."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
+def writes_allowed() -> bool:
+    return not _READ_ONLY.get()
+
+
+def _refuse_in_read_only(path: Path) -> None:
+    if not writes_allowed():
+        raise RuntimeError(f"{path}: a write while planning (store.read_only); planning must write nothing")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
@@ -59,6 +83,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     On any error the temporary file is removed and the previous ``path`` (if any) is left untouched.
     """
     path = Path(path)
+    _refuse_in_read_only(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -211,6 +236,7 @@ class Stage:
         makes this wait (``wait=True``) or raise ``UserError``; one silent for ``stale_after_s`` is taken over
         with a warning.
         """
+        _refuse_in_read_only(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
