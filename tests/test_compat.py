@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from imnet_ablate import pretrain, subsets, transfer, wordnet
 from imnet_ablate.config import conf_dir
+from test_subsets import make_tree
 
 TREE = Path("/tmp/imnet-ablate-compat-v1/imagenet")
 PINNED = {
@@ -55,12 +56,7 @@ PINNED = {
 @pytest.fixture(scope="module")
 def tree() -> Path:
     """1000 classes x (3 train + 1 val) empty files: the builder lists names, it never opens an image."""
-    for w in wordnet.load().classes:
-        for split, n in (("train", 3), ("val", 1)):
-            (TREE / split / w).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                (TREE / split / w / f"{w}_{i}.JPEG").touch()
-    return TREE
+    return make_tree(TREE, wordnet.load().classes, per_class=3)
 
 
 @pytest.fixture(scope="module")
