@@ -46,7 +46,7 @@ def test_cfg_job_shows_the_subset_config():
     assert "images_per_class: 500" in proc.stdout and "name: 500pc" in proc.stdout
 
 
-@pytest.mark.parametrize("args, words", [(["subset=nope"], ["subset/nope"]),
+@pytest.mark.parametrize("args, words", [(["subset=nope"], ["subset=nope: no such subset preset"]),
                                          (["subset.images_per_klass=5"], ["images_per_klass"])])
 def test_bad_preset_or_key_exits_2(tmp_path, args, words):
     proc = run_ablate("subset", *args, f"paths.runs={tmp_path / 'runs'}")
