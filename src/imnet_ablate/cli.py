@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
     "classes": Command("classes", "imnet_ablate.subsets:show_classes", "show a subset's classes without reading images", (
         "ablate classes subset=wordnet-127",
         "ablate classes subset=nopascal-771",
-        "ablate classes subset.grouping=depth-5 classes.rows=null",
+        "ablate classes subset.grouping=depth-5 show.groups=null show.members=null",
     )),
     "data demo": Command("data_demo", "imnet_ablate.datasets:generate_demo", "generate the built-in demo dataset pair", (
         "ablate data demo",

@@ -63,6 +63,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("subset.images_per_class", optional(integer(1))),
     ("subset.num_classes", optional(integer(1, 1000))),
     ("subset.strict", SWITCH),
+    ("show.groups", optional(integer(1))),
+    ("show.members", optional(integer(1))),
     # models
     ("model.input_size", integer(16)),
     ("model.resize", integer(16)),
