@@ -127,13 +127,13 @@ class _GroundTruth:
         ids = np.asarray(ids, dtype=str)
         if len(self.sorted_ids) == 0:
             if len(ids):
-                raise UserError(f"{what}: image id {ids[0]!r} is not in the evaluated split (which is empty)")
+                raise UserError(f"{what}: image id '{ids[0]}' is not in the evaluated split (which is empty)")
             return np.zeros(0, np.int64)
         pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
         bad = self.sorted_ids[pos] != ids
         if bad.any():
             raise UserError(f"{what}: {int(bad.sum())} detection(s) on image ids not in the evaluated split, e.g. "
-                            f"{ids[bad][0]!r}; ids must match ImageSets/Main/<split>.txt")
+                            f"'{ids[bad][0]}'; ids must match ImageSets/Main/<split>.txt")
         return self.order[pos]
 
     def of_class(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -297,7 +297,8 @@ def _task_name(cfg: DictConfig) -> str:
     task = cfg.get("task")
     name = task.get("name") if isinstance(task, Mapping) or OmegaConf.is_dict(task) else task
     if name not in ("voc-det", "voc-cls"):
-        raise UserError(f"task={name}: unknown; expected voc-det (comp4_det files) or voc-cls (comp2_cls files)")
+        raise UserError(f"task={name}: unknown; expected voc-det (comp3_det / comp4_det files) or voc-cls "
+                        "(comp1_cls / comp2_cls files)")
     return str(name)
 
 
@@ -339,11 +340,12 @@ def run(cfg: DictConfig) -> Path:
     if not folder.is_dir():
         raise UserError(f"detections={cfg.detections}: no such folder")
     images = voc.load_split(_voc_root(cfg), split, check_images=False)
-    pattern = "comp4_det_{split}_<class>.txt" if task == "voc-det" else "comp2_cls_{split}_<class>.txt"
+    kind, comps = ("det", voc.DET_COMPS) if task == "voc-det" else ("cls", voc.CLS_COMPS)
     results = (voc.read_det_results if task == "voc-det" else voc.read_cls_results)(folder, split)
     if not results:
-        raise UserError(f"detections={folder}: no {pattern.format(split=split)} files; expected the devkit's "
-                        "results files for this split")
+        names = " or ".join(f"{comp}_{kind}_{split}_<class>.txt" for comp in comps)
+        raise UserError(f"detections={cfg.detections}: no {names} files; expected the devkit's results files for "
+                        "this split (docs/evaluate.md)")
     missing = [c for c in CLASSES if c not in results]
     if missing:
         log.warning("%s: no results file for %d class(es), scored as no detections: %s", folder, len(missing),

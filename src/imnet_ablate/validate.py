@@ -1,4 +1,5 @@
-"""Types and ranges of every numeric and switch key, checked once on the composed config before any work.
+"""Types and ranges of every numeric and switch key (and the words of a few choice keys), checked once on the
+composed config before any work.
 
 One table for all commands (keys are matched by glob on their dotted path, first match wins), so a bad value is
 one line naming the key, the value and what is allowed, with exit code 2, instead of a traceback minutes into a
@@ -42,6 +43,11 @@ def number(low: float, high: float | None = None, low_open: bool = False, high_o
 
 def either(word: str, rule: tuple[Check, str]) -> tuple[Check, str]:
     return (lambda v: v == word or rule[0](v)), f"{word!r} or {rule[1]}"
+
+
+def choice(*words: str) -> tuple[Check, str]:
+    """One of a few words: checked here so a typo fails before the stage folder exists, not inside the run."""
+    return (lambda v: v in words), " or ".join(f"'{w}'" for w in words)
 
 
 def optional(rule: tuple[Check, str]) -> tuple[Check, str]:
@@ -90,6 +96,9 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("train.channels_last", SWITCH),
     ("train.tensorboard", SWITCH),
     ("train.progress", AUTO_SWITCH),
+    ("train.schedule.unit", choice("epoch", "iteration")),
+    ("train.budget", choice("same_epochs", "same_iterations")),
+    ("train.augment", choice("crop", "resized_crop")),
     # loaders
     ("*.num_workers", either("auto", integer(0))),
     ("check.workers", either("auto", integer(1))),
