@@ -160,6 +160,16 @@ def chain(group: str | None, name: str) -> list[Path]:
     return files + [path]
 
 
+def groups_of(config: str) -> dict[str, str]:
+    """Group -> default preset of a primary config, over the configs it includes (``run`` includes ``transfer``)."""
+    out: dict[str, str] = {}
+    for path in chain(None, config):
+        for group, choice in read_documented(path).defaults:
+            if group is not None and not group.startswith("hydra/"):
+                out[group] = choice
+    return out
+
+
 def load_preset(group: str, name: str) -> dict[str, Any] | None:
     """A preset's values with its same-group defaults merged in (e.g. ``subset/250pc`` over ``subset/full``), or
     None when there is no such preset. Only plain defaults are followed: presets in conf/ use no others."""

@@ -44,6 +44,9 @@ def split_args(args: list[str]) -> Args:
             hydra_only = True
         elif not arg.startswith("-"):
             overrides.append(arg)
+    shown = [a for a in args if a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i")]
+    if multirun and shown:
+        raise UserError(f"-m with {shown[0]}: Hydra shows the config of a single run only; drop -m (and the commas)")
     return Args(overrides, multirun, hydra_only)
 
 
@@ -170,23 +173,32 @@ def check_key(command: str, key: str, cfg: DictConfig, used: dict[str, str]) -> 
 
 
 def check(command: str, config: str, args: list[str]) -> None:
-    """Raise a one-line ``UserError`` for the first misspelt preset or key of ``args``; then, for a single run,
-    compose the whole config so anything else Hydra refuses is one line too."""
+    """Raise a one-line ``UserError`` for the first misspelt preset or key of ``args``, and for anything else Hydra
+    refuses. The presets are checked from the files alone; the config is composed once (as Hydra will), and only
+    when that fails, again without the key overrides, to name the misspelt key."""
     from hydra.core.override_parser.types import OverrideType
 
     parsed_args = split_args(args)
     if parsed_args.hydra_only:
         return
     parsed = _parse(parsed_args.overrides)
-    used = choices(compose(config, [], hydra=True))
+    used = conftree.groups_of(config)
     groups = [o for o in parsed if o.type == OverrideType.CHANGE and o.package is None
               and (conftree.is_group(o.key_or_group) or o.key_or_group.startswith("hydra/"))]
     for override in groups:
         if not override.key_or_group.startswith("hydra/"):  # Hydra's groups also have presets of its own
             check_group(command, override, used)
-    cfg = compose(config, [f"{o.key_or_group}={_values(o)[0]}" for o in groups], hydra=True)
-    for override in parsed:
-        if override.type == OverrideType.CHANGE and all(override is not g for g in groups):
-            check_key(command, override.key_or_group, cfg, used)
+    keys = [o for o in parsed if o.type == OverrideType.CHANGE and all(o is not g for g in groups)]
+    error = None  # a sweep is not composed here (Hydra composes each job); its keys are checked below
     if not parsed_args.multirun:
-        compose(config, parsed_args.overrides)
+        try:
+            compose(config, parsed_args.overrides)
+            return
+        except UserError as hydra_says:
+            error = hydra_says
+    if keys:  # name the misspelt key, on the config of the group choices (the first value of a sweep)
+        cfg = compose(config, [f"{o.key_or_group}={_values(o)[0]}" for o in groups], hydra=True)
+        for override in keys:
+            check_key(command, override.key_or_group, cfg, used)
+    if error is not None:
+        raise error
