@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         name, rest = split_command(argv)
         cmd, label = COMMANDS[name], f"ablate {name}"
         if "--help" in rest or "-h" in rest:
+            overrides.check(name, cmd.config, [a for a in rest if a not in ("--help", "-h")])
             return page(help.render(name, cmd.help, cmd.config, cmd.examples, rest))
         overrides.check(name, cmd.config, rest)
     except UserError as e:

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
+from .evaluate import METRICS
 
 Check = Callable[[Any], bool]
 
@@ -123,6 +124,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("task.freeze_convs", integer(0, 5)),
     ("task.drop_last_pool", SWITCH),
     ("coco", SWITCH),
+    ("task.metric", choice(*METRICS)),  # else raised by the first AP, after the whole transfer training
     # packing, checking, benchmarking
     ("*.chunk_size", integer(1)),
     ("*.progress", AUTO_SWITCH),
