@@ -32,6 +32,8 @@ def show_value(value: Any) -> str:
     """A value as a user would type it on the command line (interpolations unresolved)."""
     if value is None:
         return "null"
+    if value == "???":
+        return "??? (required)"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):

@@ -249,10 +249,10 @@ def select(h: wordnet.Hierarchy, spec: Mapping[str, Any], counts: Mapping[str, i
 # -- the subset folder --------------------------------------------------------------------------------------------
 
 
-def _check_images(listing: imagenet.Listing, sel: Selection, strict: bool) -> None:
+def _check_images(listing: imagenet.Listing, sel: Selection, strict: bool, shown_root: object) -> None:
     missing = [c for c in sel.classes if not listing.train.get(c)]
     if missing:
-        raise UserError(f"data.root={listing.root}: no train images for {len(missing)} class(es) of the subset "
+        raise UserError(f"data.root={shown_root}: no train images for {len(missing)} class(es) of the subset "
                         f"({_fmt(missing)}); expected train/<wnid>/ with images for each")
     n = sel.images_per_class
     short = [c for c in sel.classes if n is not None and len(listing.train[c]) < n]
@@ -299,7 +299,7 @@ def plan(cfg: DictConfig) -> Planned:
     if unknown:
         log.warning("ignoring %d class folders that are not ILSVRC-2012 classes: %s", len(unknown), _fmt(unknown))
     sel = sel or select(h, spec, {c: len(p) for c, p in listing.train.items()})
-    _check_images(listing, sel, spec["strict"])
+    _check_images(listing, sel, spec["strict"], cfg.data.get("root") or listing.root)  # the root as typed
     stage = store.Stage(cfg.paths.runs, "subset", folder_name(spec),
                         {"subset": spec, "data_root": str(listing.root), "listing": listing.checksum,
                          "hierarchy": h.checksum})
