@@ -78,14 +78,16 @@ def year_dir(voc_root: Path | str, year: str = "2007") -> Path:
     return nested if nested.is_dir() or not (root / "ImageSets").is_dir() else root
 
 
-def _missing_year_dir(voc_root: Path | str, year: str) -> UserError:
-    """The error for a root that holds neither VOC<year>/ nor ImageSets/, naming the folder above it that would
-    work (a root given one level too deep, e.g. .../VOC2007/JPEGImages)."""
+def missing_year_dir(voc_root: Path | str, year: str = "2007") -> str | None:
+    """Why ``year_dir(voc_root)`` is no folder (None when it is one): the root holds neither VOC<year>/ nor
+    ImageSets/. Names the folder above that would work (a root given too deep, e.g. .../VOC2007/JPEGImages)."""
     root = Path(voc_root).expanduser()
+    if year_dir(root, year).is_dir():
+        return None
     fits = next((p for p in list(root.parents)[:3] if (p / f"VOC{year}").is_dir() or (p / "ImageSets").is_dir()), None)
     hint = f"; did you mean {fits}?" if fits is not None else ""
-    return UserError(f"{voc_root}: neither VOC{year}/ nor ImageSets/ is in this folder; expected the VOCdevkit folder "
-                     f"(holding VOC{year}/) or VOC{year}/ itself{hint}")
+    return (f"{voc_root}: neither VOC{year}/ nor ImageSets/ is in this folder; expected the VOCdevkit folder "
+            f"(holding VOC{year}/) or VOC{year}/ itself{hint}")
 
 
 def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
@@ -94,10 +96,9 @@ def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
 
 def split_ids(voc_root: Path | str, split: str, year: str = "2007") -> list[str]:
     """The image ids of ``ImageSets/Main/<split>.txt`` under a VOCdevkit (or year) folder, in file order."""
-    folder = year_dir(voc_root, year)
-    if not folder.is_dir():
-        raise _missing_year_dir(voc_root, year)
-    return _split_ids(folder, split, year)
+    if problem := missing_year_dir(voc_root, year):
+        raise UserError(problem)
+    return _split_ids(year_dir(voc_root, year), split, year)
 
 
 def _split_ids(folder: Path, split: str, year: str) -> list[str]:
@@ -195,9 +196,9 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 def load_split(voc_root: Path | str, split: str, year: str = "2007", *, check_images: bool = True
                ) -> list[VocImage]:
     """The annotated images of ``ImageSets/Main/<split>.txt`` in file order (cached per process)."""
+    if problem := missing_year_dir(voc_root, year):
+        raise UserError(problem)
     folder = year_dir(voc_root, year)
-    if not folder.is_dir():
-        raise _missing_year_dir(voc_root, year)
     split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
     stamp = split_file.stat().st_mtime_ns if split_file.is_file() else 0
     return list(_load_split_cached(str(folder), split, year, stamp, check_images))
