@@ -39,12 +39,13 @@ COMMANDS: dict[str, Command] = {
         "ablate subset subset=250pc subset.images_per_class=100 subset.seed=1",
         "ablate subset -m subset=500pc,250pc,125pc",
     )),
-    "classes": Command("classes", "imnet_ablate.subsets:show_classes", "show a subset's classes without reading images", (
-        "ablate classes subset=wordnet-127",
-        "ablate classes subset=nopascal-771",
-        "ablate classes subset.grouping=depth-5 show.groups=null show.members=null",
-    )),
-    "data demo": Command("data_demo", "imnet_ablate.datasets:generate_demo", "generate the built-in demo dataset pair", (
+    "classes": Command("classes", "imnet_ablate.subsets:show_classes",
+                       "list a subset's classes and exclusions by name", (
+                           "ablate classes subset=wordnet-127",
+                           "ablate classes subset=nopascal-771",
+                           "ablate classes subset.grouping=depth-5 show.groups=null show.members=null",
+                       )),
+    "data demo": Command("data_demo", "imnet_ablate.datasets:generate_demo", "generate the built-in demo data pair", (
         "ablate data demo",
         "ablate data demo data.demo.train_per_class=12 data.demo.voc_trainval=500",
     )),
