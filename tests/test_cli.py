@@ -46,7 +46,7 @@ def test_cfg_job_shows_the_subset_config():
     assert "images_per_class: 500" in proc.stdout and "name: 500pc" in proc.stdout
 
 
-@pytest.mark.parametrize("args, words", [(["subset=nope"], ["subset/nope"]),
+@pytest.mark.parametrize("args, words", [(["subset=nope"], ["subset=nope: no such subset preset"]),
                                          (["subset.images_per_klass=5"], ["images_per_klass"])])
 def test_bad_preset_or_key_exits_2(tmp_path, args, words):
     proc = run_ablate("subset", *args, f"paths.runs={tmp_path / 'runs'}")
@@ -94,4 +94,72 @@ def test_bad_tree_exits_2(tmp_path, make, words):
     make(root)
     proc = run_ablate("subset", *data_args(root, tmp_path))
     assert_user_error(proc, "data.root", *words)
+    assert not (tmp_path / "runs").exists()
+
+
+SESSION = """
+import contextlib, io, json, shlex, sys
+from imnet_ablate import cli
+results = []
+for line in sys.argv[1:]:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main(shlex.split(line))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    results.append({"line": line, "code": code, "out": out.getvalue(), "err": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def typed(*lines: str) -> dict[str, dict]:
+    """Several ``ablate ...`` command lines as a user types them, in one fresh interpreter (one start, not one each):
+    each line's exit code, stdout and stderr."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-c", SESSION, *lines], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return {r["line"]: r for r in json.loads(proc.stdout.splitlines()[-1])}
+
+
+def test_newcomer_walk_through_help_version_and_misspellings(tmp_path):
+    runs = f"paths.runs={tmp_path / 'runs'}"
+    misspelt = {f"subset subset=250 {runs}": "subset=250: no such subset preset; did you mean 250pc?",
+                f"pretrain model=alexnet_smal {runs}": "model=alexnet_smal: no such model preset; did you mean "
+                                                       "alexnet_small?",
+                f"transfer task=voc-dett {runs}": "task=voc-dett: no such task preset; did you mean voc-det?",
+                f"pretrain train.batchsize=8 {runs}": "train.batchsize: no such key in `ablate pretrain`; did you "
+                                                      "mean train.batch_size?",
+                f"subset -m subset=500pc,25opc {runs}": "subset=25opc: no such subset preset; did you mean 25pc",
+                "data chek": "unknown command 'data chek'; did you mean data check?",
+                "subset -m subset=full,250pc --cfg job": "-m with --cfg: Hydra shows the config of a single run"}
+    r = typed("--version", "data --help", "subset --help", "transfer task=voc-det-demo --help", *misspelt,
+              "subset --hydra-help")  # last: it runs Hydra, which keeps global state
+    assert r["subset --hydra-help"]["code"] == 0 and "--cfg,-c : Show config" in r["subset --hydra-help"]["out"]
+
+    from imnet_ablate import __version__
+    assert r["--version"]["code"] == 0 and r["--version"]["out"] == f"ablate {__version__}\n"
+    assert r["data --help"]["code"] == 0 and "data demo" in r["data --help"]["out"] and \
+        "data check" in r["data --help"]["out"]
+
+    page = r["subset --help"]["out"]
+    assert r["subset --help"]["code"] == 0 and "task" not in page and "model" not in page
+    assert "  subset=\n" in page and "   * full " in page and "  data=\n" in page  # its groups, the choice marked
+    assert "  subset.images_per_class=null\n      Images per class: N, or null for all." in page  # YAML comments
+    assert "examples:\n  ablate subset subset=250pc\n" in page
+    det = r["transfer task=voc-det-demo --help"]["out"]
+    assert "   * voc-det-demo  voc-det for the demo's 64 px scenes" in det
+    assert "  task.max_size=128\n      Images: shorter side min_size, longer side at most max_size" in det
+
+    for line, words in misspelt.items():
+        assert r[line]["code"] == 2 and r[line]["out"] == "", r[line]
+        errors = r[line]["err"].strip().splitlines()
+        assert len(errors) == 1 and words in errors[0], errors
+        assert "search path" not in errors[0] and "+" not in errors[0] and len(errors[0]) < 160, errors[0]
     assert not (tmp_path / "runs").exists()

@@ -248,6 +248,12 @@ def test_voc_missing_test_split_is_an_error(voc_tree: Path) -> None:
     assert "listed twice" in split_errors["VOC2007/ImageSets/Main/trainval.txt"]
 
 
+def test_voc_root_too_deep_is_one_finding_naming_the_folder_that_works(voc_tree: Path) -> None:
+    scan = datacheck.scan_voc(voc_tree / "VOC2007" / "JPEGImages")
+    assert [(f.path, f.problem) for f in scan.findings] == [("VOC2007", "missing-folder")]
+    assert scan.findings[0].detail.endswith(f"did you mean {voc_tree / 'VOC2007'}?")
+
+
 def test_voc_cli_exit_1(voc_tree: Path, tmp_path: Path) -> None:
     proc = run_ablate("data", "check", "data=imagenet", f"data.root={tmp_path}", f"data.voc_root={voc_tree}",
                       "check.what=voc", f"paths.runs={tmp_path / 'runs'}", f"paths.cache={tmp_path / 'cache'}")

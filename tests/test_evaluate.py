@@ -97,8 +97,11 @@ def test_empty_class_no_detections_and_all_difficult():
 
 
 def test_detection_on_unknown_image_is_an_error():
-    with pytest.raises(UserError, match="'nope'"):
+    with pytest.raises(UserError, match="e.g. 'nope'; ids must match") as e:  # a plain id, never np.str_('nope')
         dog_ap([image("1", [(DOG, A, False)])], [("nope", 0.9, A)])
+    with pytest.raises(UserError, match="image id 'nope' is not in the evaluated split") as empty:
+        dog_ap([], [("nope", 0.9, A)])
+    assert "np." not in str(e.value) + str(empty.value)
 
 
 # -- the 0:0.1:1 thresholds -------------------------------------------------------------------------------------------

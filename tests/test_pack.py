@@ -190,3 +190,17 @@ def test_loader_packed_config_builds_the_subset_datasets(demo_cache: Path, tmp_p
         a, b = files[key], train[key]
         assert a[1:] == b[1:] and (a[0].int() - b[0].int()).abs().max() <= 1
     assert isinstance(val, loaders.FilesDataset)  # validation stays on the files path
+
+
+def test_a_bad_subset_spec_fails_before_anything_is_packed(tree: Path, tmp_path: Path):
+    from hydra import compose, initialize_config_dir
+
+    from imnet_ablate.cli import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(config_name="pack", overrides=[
+            "data=imagenet", f"data.root={tree}", "data.voc_root=unused", f"paths.runs={tmp_path / 'runs'}",
+            f"paths.cache={tmp_path / 'cache'}", "subset=wordnet-127", "subset.num_classes=5"])
+    with pytest.raises(UserError, match="subset.num_classes=5: the spec gives 127 classes"):
+        pack.run(cfg)
+    assert not (tmp_path / "runs").exists()

@@ -125,3 +125,19 @@ def test_lock_from_another_host_waits_until_its_heartbeat_stops(tmp_path):
     os.utime(lock, (old, old))  # no heartbeat for two minutes
     with stage.lock(wait=False):
         pass
+
+
+def test_a_folder_made_under_an_older_name_is_reused_by_its_hash(tmp_path):
+    """Folder names before the hash are cosmetic and may improve between versions (250pc -> 250pc-ipc6): the
+    hash finds the user's existing folder, finished ones before an unfinished one of the same hash."""
+    old = Stage(tmp_path, "subset", "250pc", {"ipc": 6})
+    old.path.mkdir(parents=True)
+    (old.path / "a.txt").write_text("kept")
+    old.finish(["a.txt"])
+    unfinished = tmp_path / "subset" / f"0-older-{old.hash}"
+    unfinished.mkdir()
+    renamed = Stage(tmp_path, "subset", "250pc-ipc6", {"ipc": 6})
+    assert renamed.path == old.path and renamed.name == old.name and renamed.is_done()
+    assert Stage(tmp_path, "subset", "250pc-ipc7", {"ipc": 7}).path.name.startswith("250pc-ipc7-")
+    (old.path / "DONE").unlink()
+    assert Stage(tmp_path, "subset", "250pc-ipc6", {"ipc": 6}).path == unfinished  # resumed where it was left

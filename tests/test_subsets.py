@@ -84,6 +84,19 @@ def test_outputs_and_manifest(tree, cache, tmp_path):
                           "members": "n01440764"}
 
 
+def test_folder_names_tell_overrides_apart_and_older_names_are_reused(tree, cache, tmp_path):
+    plain = subsets.build(config(tree, cache, tmp_path, "subset=250pc"))
+    assert plain.name.rsplit("-", 1)[0] == "250pc"
+    cfg = config(tree, cache, tmp_path, "subset=250pc", "subset.images_per_class=3")
+    three = subsets.build(cfg)
+    assert three.name.rsplit("-", 1)[0] == "250pc-ipc3"
+    assert json.loads((three / "stage.json").read_text())["spec"]["subset"]["name"] == "250pc"  # hash rule as before
+    older = three.with_name(f"250pc-{three.name.rsplit('-', 1)[1]}")  # how earlier versions named this folder
+    three.rename(older)
+    done = (older / "DONE").stat().st_mtime_ns
+    assert subsets.build(cfg) == older and (older / "DONE").stat().st_mtime_ns == done and not three.exists()
+
+
 def test_rerun_is_a_no_op(tree, cache, tmp_path):
     cfg = config(tree, cache, tmp_path, "subset=250pc")
     first = subsets.build(cfg)
@@ -215,6 +228,22 @@ def test_show_classes_largest_first(tree, cache, tmp_path, capsys):
     assert [int(r["n_members"]) for r in rows] == sorted((int(r["n_members"]) for r in rows), reverse=True)
     printed = capsys.readouterr().out.splitlines()
     assert "127 classes" in printed[0] and "mammal" in printed[2] and "218" in printed[2]
+    assert "tusker, echidna, platypus, wallaby, koala, ... (213 more)" in printed[2]
+    assert rows[0]["member_names"].split("; ")[:2] == ["tusker", "echidna"]
+
+
+def test_show_classes_names_every_excluded_class(tmp_path, capsys, reference):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose("classes", ["subset=nopascal-771", f"paths.runs={tmp_path}"])
+    out = subsets.show_classes(cfg)
+    printed = capsys.readouterr().out
+    excluded = read_tsv(out / "excluded.tsv")
+    authors = set((reference / "class_maps" / "pascal_overlap_229_wnids.txt").read_text().split())
+    assert len(excluded) == 229 and {r["wnid"] for r in excluded} == authors
+    assert "excluded by subset.exclude (229 classes" in printed
+    dogs = next(r for r in excluded if r["wnid"] == "n02085620")
+    assert dogs["name"].startswith("Chihuahua") and dogs["excluded_by"] == "dog (n02084071)"
+    assert "dog (n02084071), 118: Chihuahua, Japanese spaniel" in printed and "Mexican hairless" in printed
 
 
 def test_sample_is_the_first_n_by_sha1_of_seed_and_path():

@@ -57,3 +57,15 @@ def test_bad_values_are_one_line_exit_2_before_any_work(tmp_path, command, overr
     lines = proc.stderr.strip().splitlines()
     assert words in lines[-1] and len([ln for ln in lines if "error" in ln]) == 1, proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "c").exists()  # nothing generated or written
+
+
+@pytest.mark.parametrize("command, override, words", [
+    ("pretrain", "train.augment=flip", "train.augment='flip': expected 'crop' or 'resized_crop'"),
+    ("pretrain", "train.budget=both", "train.budget='both': expected 'same_epochs' or 'same_iterations'"),
+    ("pretrain", "train.schedule.unit=epochs", "train.schedule.unit='epochs': expected 'epoch' or 'iteration'"),
+    ("transfer", "task.metric=map", "task.metric='map': expected 'voc07' or 'area'"),
+])
+def test_choice_keys_are_checked_before_the_run_creates_its_folder(command, override, words):
+    """The stages check these inside their folder (augment in each loader worker, metric after training)."""
+    with pytest.raises(UserError, match=words):
+        check(compose(command, [override]))

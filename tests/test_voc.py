@@ -177,3 +177,31 @@ def test_cls_reader_names_file_and_line(tmp_path):
     (tmp_path / "comp2_cls_test_cow.txt").write_text("000001 0.9\n000002\n")
     with pytest.raises(UserError, match=r"comp2_cls_test_cow\.txt:2: malformed line '000002'"):
         voc.read_cls_results(tmp_path, "test")
+
+
+def test_readers_take_both_competitions_and_refuse_two_for_one_class(tmp_path, caplog):
+    """comp3/comp1 (VOC data only) read like comp4/comp2 (outside data); both files for one class are an error."""
+    (tmp_path / "comp3_det_test_dog.txt").write_text("000001 0.9 1 2 3 4\n")
+    (tmp_path / "comp4_det_test_cat.txt").write_text("000002 0.5 5 6 7 8\n")
+    (tmp_path / "comp1_cls_test_bus.txt").write_text("000001 0.25\n")
+    with caplog.at_level(logging.WARNING, logger="imnet_ablate.voc"):
+        dets = voc.read_det_results(tmp_path, "test")
+    assert dets["dog"].ids.tolist() == ["000001"] and dets["cat"].boxes.tolist() == [[5, 6, 7, 8]]
+    assert "comp4 for cat; comp3 for dog" in caplog.text
+    assert voc.read_cls_results(tmp_path, "test")["bus"].scores.tolist() == [0.25]
+    (tmp_path / "comp4_det_test_dog.txt").write_text("000001 0.8 1 2 3 4\n")
+    with pytest.raises(UserError, match=r"comp3_det_test_dog\.txt and comp4_det_test_dog\.txt both score dog; "
+                                        r"expected one results file per class \(comp3: trained on VOC data only"):
+        voc.read_det_results(tmp_path, "test")
+
+
+def test_a_root_one_level_too_deep_is_named_as_given_with_the_folder_that_works(tmp_path, monkeypatch):
+    write_voc(tmp_path / "VOCdevkit", {"a": make_xml()}, {"test": ["a"]})
+    monkeypatch.chdir(tmp_path)
+    assert [im.id for im in voc.load_split("VOCdevkit/VOC2007", "test")] == ["a"]  # the year folder itself works
+    with pytest.raises(UserError) as e:
+        voc.load_split("VOCdevkit/VOC2007/ImageSets", "test")
+    assert str(e.value).startswith("VOCdevkit/VOC2007/ImageSets: neither VOC2007/ nor ImageSets/")
+    assert str(e.value).endswith("did you mean VOCdevkit/VOC2007?") and "VOC2007/VOC2007" not in str(e.value)
+    with pytest.raises(UserError, match=r"^VOCdevkit/VOC2007/ImageSets/Main/val\.txt: cannot read the 'val' split"):
+        voc.load_split("VOCdevkit", "val")  # relative, as typed: not resolved to an absolute path

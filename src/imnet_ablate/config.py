@@ -24,24 +24,28 @@ def conf_dir() -> Path:
 
 
 def one_line(exc: BaseException) -> str:
-    """Hydra's composition errors span several lines and end with the search path; keep the message on one line."""
-    return " ".join(str(exc).split(" Config search path")[0].split())
+    """Hydra's composition errors span several lines, end in its config search path and may advise ``+key``."""
+    text = " ".join(str(exc).split())
+    return text.split(" Config search path")[0].split(" To append to your config use")[0]
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_name: str, overrides: list[str], hydra: bool = False) -> DictConfig:
     """Compose a command's config exactly as ``ablate <command> <overrides>`` would (inside a running Hydra app
-    too, where Hydra's global state already points at the right search path)."""
+    too, where Hydra's global state already points at the right search path); ``hydra=True`` keeps Hydra's node,
+    which records the group choices. Hydra's own errors become one-line ``UserError``s."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         if GlobalHydra.instance().is_initialized():
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    except Exception as e:  # composition errors name the override
-        raise UserError(f"`ablate {config_name} {' '.join(overrides)}`: {one_line(e)}") from e
+            return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise UserError(one_line(e)) from e
 
 
 def locate(target: str, key: str) -> Any:

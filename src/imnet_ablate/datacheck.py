@@ -339,6 +339,9 @@ def scan_voc(voc_root: Path) -> VocScan:
     folder = voc.year_dir(voc_root)
     prefix = "" if folder == voc_root else f"{folder.name}/"
     scan = VocScan(voc_root, prefix=prefix)
+    if problem := voc.missing_year_dir(voc_root):  # one finding naming the root, not three under a made-up path
+        scan.findings.append(Finding("voc", folder.name, "missing-folder", problem))
+        return scan
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         if not (folder / sub).is_dir():
             scan.findings.append(Finding("voc", f"{prefix}{sub}", "missing-folder", f"expected {folder / sub}"))

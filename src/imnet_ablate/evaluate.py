@@ -121,13 +121,13 @@ class _GroundTruth:
         ids = np.asarray(ids, dtype=str)
         if len(self.sorted_ids) == 0:
             if len(ids):
-                raise UserError(f"{what}: image id {ids[0]!r} is not in the evaluated split (which is empty)")
+                raise UserError(f"{what}: image id '{ids[0]}' is not in the evaluated split (which is empty)")
             return np.zeros(0, np.int64)
         pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
         bad = self.sorted_ids[pos] != ids
         if bad.any():
             raise UserError(f"{what}: {int(bad.sum())} detection(s) on image ids not in the evaluated split, e.g. "
-                            f"{ids[bad][0]!r}; ids must match ImageSets/Main/<split>.txt")
+                            f"'{ids[bad][0]}'; ids must match ImageSets/Main/<split>.txt")
         return self.order[pos]
 
     def of_class(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

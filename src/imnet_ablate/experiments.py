@@ -70,6 +70,15 @@ def set_overrides(entry: DictConfig, data_name: str) -> list[str]:
     return overrides + [f"{k}={v}" for k, v in scaled.items()]
 
 
+def demo_variant(task: str, cfg: DictConfig) -> str:
+    """On the demo data, a task's demo-sized variant ``<task>-demo`` where there is one (the full-size recipe of
+    voc-det would take a day on the demo's CPU budget)."""
+    from . import conftree, datasets
+
+    variant = f"{task}-demo"
+    return variant if datasets.is_demo(cfg) and variant in conftree.presets("task") else task
+
+
 def plan(cfg: DictConfig) -> list[Job]:
     """Every stage of the experiment, in dependency order, with its folder (nothing is run here)."""
     from . import pretrain, subsets, transfer
@@ -82,7 +91,7 @@ def plan(cfg: DictConfig) -> list[Job]:
     common = user_overrides()
     pretrain_common = [o for o in common if _override_key(o) not in TRANSFER_ONLY_KEYS]
     data_name = str(cfg.data.name)
-    tasks = list(cfg.tasks)
+    tasks = [demo_variant(str(t), cfg) for t in cfg.tasks]
     jobs: list[Job] = []
     pretrains: dict[str, Job] = {}
     for seed in range(int(cfg.seeds)):

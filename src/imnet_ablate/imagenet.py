@@ -236,8 +236,9 @@ def _read_cache(path: Path) -> tuple[str, ClassFiles, ClassFiles] | None:
 
 def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None, val_dir: str = "val",
                   val_labels: str | None = None) -> Listing:
-    """The train and val files of the ImageNet copy at ``root``, from the cache when the tree is unchanged."""
-    root = Path(root).resolve()
+    """The train and val files of the ImageNet copy at ``root``, from the cache when the tree is unchanged.
+    Messages show ``root`` as given; the listing records it resolved."""
+    given, root = root, Path(root).resolve()
     key = [CACHE_VERSION, str(root)]
     train_dirs: list[os.DirEntry] = []
     if train_listing:
@@ -246,15 +247,15 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
     else:
         train = root / "train"
         if not train.is_dir():
-            raise UserError(f"data.root={root}: no train/ folder; expected train/<wnid>/*.JPEG (or set "
+            raise UserError(f"data.root={given}: no train/ folder; expected train/<wnid>/*.JPEG (or set "
                             "data.train_listing)")
         train_dirs = class_folders(train, "data.root")
         if not train_dirs:
-            raise UserError(f"data.root={root}: train/ has no class folders; expected train/<wnid>/*.JPEG")
+            raise UserError(f"data.root={given}: train/ has no class folders; expected train/<wnid>/*.JPEG")
         key += ["train", _stat_sig(train), *(f"{d.name}={_stat_sig(d)}" for d in train_dirs)]
     val = (root / val_dir).resolve()
     if not val.is_relative_to(root):
-        raise UserError(f"data.val_dir={val_dir}: outside data.root={root}; expected a folder under data.root")
+        raise UserError(f"data.val_dir={val_dir}: outside data.root={given}; expected a folder under data.root")
     val_dirs: list[os.DirEntry] = []
     if val_labels:
         labels_file = Path(val_labels).expanduser().resolve()

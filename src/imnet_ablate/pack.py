@@ -217,14 +217,16 @@ def ensure(root: Path, listing: Sequence[tuple[str, str]], stage_root: Path, cfg
 
 def run(cfg: DictConfig) -> Path:
     """``ablate pack``: pack the full training listing of ``data``; with a ``subset``, also map it onto the store."""
+    from . import subsets
     from .datasets import root as dataset_root
 
     root = dataset_root(cfg, "imagenet")
+    with_subset = cfg.get("subset") is not None and cfg.subset.get("name", "full") != "full"
+    if with_subset:
+        subsets.stage(cfg)  # a mistake in the subset spec fails now, not after packing the whole training set
     listing = train_listing(root, Path(cfg.paths.cache), cfg.data.get("train_listing"))
     path = ensure(root, listing, Path(cfg.pack.root), cfg.pack, cfg)
-    if cfg.get("subset") is not None and cfg.subset.get("name", "full") != "full":
-        from . import subsets
-
+    if with_subset:
         paths, _ = loaders.read_split(subsets.build(cfg), "train")
         idx = PackedStore(path).indices_for(paths, strict=False)
         log.info("subset %s: %d of %d training images in the store", cfg.subset.name, int((idx >= 0).sum()),

@@ -38,7 +38,8 @@ def collect(jobs: list) -> tuple[pd.DataFrame, list[str]]:
             missing.append(f"{job.label} / {job.task} / seed {job.seed}: {job.stage.path}")
             continue
         metrics = read_metrics(_read_json(job.stage.path / "metrics.json"))
-        row: dict[str, Any] = {"set": job.label, "task": job.task, "seed": job.seed, "score": metrics["score"],
+        # the task's name (voc-det for voc-det-demo too): tables are per task measured, whatever the recipe size
+        row: dict[str, Any] = {"set": job.label, "task": metrics["task"], "seed": job.seed, "score": metrics["score"],
                                "score_name": metrics["score_name"], "paper_task": task_for(job.cfg.task).paper_name}
         row.update({f"pc_{name}": value for name, value in metrics["per_class"].items()})
         pre = job.deps[0] if job.deps else None

@@ -174,6 +174,16 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def same_hash_folder(folder: Path, stage_hash: str) -> Path | None:
+    """A stage folder of this hash under another name, finished ones first: the name before the hash is cosmetic
+    (it changes when a newer version names folders better), the hash is the identity, so users' folders are kept."""
+    try:
+        found = sorted(p for p in folder.glob(f"*-{stage_hash}") if p.is_dir())
+    except OSError:
+        return None
+    return next((p for p in found if (p / DONE).is_file()), found[0] if found else None)
+
+
 class Stage:
     """One stage folder. Use ``is_done()`` to skip finished work, ``lock()`` around the work, ``finish()`` last."""
 
@@ -183,6 +193,8 @@ class Stage:
         self.hash = spec_hash({"kind": kind, **self.spec})
         self.name = f"{name}-{self.hash}"
         self.path = Path(root) / kind / self.name
+        if not self.path.exists() and (known := same_hash_folder(self.path.parent, self.hash)) is not None:
+            self.name, self.path = known.name, known
 
     def __repr__(self) -> str:
         return f"Stage({self.path})"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import statistics
+import textwrap
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datacheck, datasets, forked, imagenet, store, wordnet
+from . import conftree, datacheck, datasets, forked, imagenet, store, wordnet
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,6 @@ log = logging.getLogger(__name__)
 KEYS = ("name", "images_per_class", "classes", "num_classes", "grouping", "exclude", "budget", "half", "seed",
         "strict")
 HALVES = ("min-a", "min-b", "random-a", "random-b")
-SHOW_ROWS = 40  # `ablate classes` prints the largest groups; groups.tsv has them all
 
 
 try:  # CPython's own SHA-1: the same digests as OpenSSL's, with less overhead per call on 30-byte inputs
@@ -126,6 +127,40 @@ def read_spec(cfg: DictConfig) -> dict[str, Any]:
     return spec
 
 
+# Settings that tell a subset apart from the preset it is named after, in the order they apply, as folder-name tags.
+TAGGED = ("half", "exclude", "classes", "budget", "grouping", "images_per_class", "seed")
+
+
+def _tag(key: str, value: Any) -> str:
+    """A short, folder-safe label of one setting: ``ipc6``, ``cls100``, ``top-down-10``, ``nopascal``, ..."""
+    if key == "images_per_class":
+        text = f"ipc{value if value is not None else 'all'}"
+    elif key == "classes":
+        text = "clsall" if value is None else f"cls{value}" if _is_int(value) else f"cls{len(value)}list"
+    elif key == "budget":
+        text = "nobudget" if value is None else f"budget{value['classes']}x{value['images_per_class']}"
+    elif key == "grouping":
+        text = str(value) if value is not None else "fine"
+    elif key == "exclude":
+        text = "noexclude" if value is None else f"no{value}" if isinstance(value, str) else f"exclude{len(value)}"
+    elif key == "half":
+        text = str(value) if value is not None else "whole"
+    else:
+        text = f"{key}{value}"
+    return re.sub(r"[^\w.-]", "_", text)
+
+
+def folder_name(spec: Mapping[str, Any]) -> str:
+    """The name of a subset's folder: its preset's name, then a tag per setting changed from that preset, e.g.
+    ``250pc-ipc6`` for ``subset=250pc subset.images_per_class=6``, so folders of one preset under different
+    overrides tell themselves apart. Cosmetic only: the hash after it is computed as before, and ``store.Stage``
+    finds a folder made under an older name by its hash. A name that is no preset (``subset.name=mine``) is kept."""
+    preset = conftree.load_preset("subset", spec["name"])
+    if preset is None:
+        return spec["name"]
+    return "-".join([spec["name"], *(_tag(k, spec[k]) for k in TAGGED if spec[k] != preset.get(k))])
+
+
 # -- class selection ----------------------------------------------------------------------------------------------
 
 
@@ -214,10 +249,10 @@ def select(h: wordnet.Hierarchy, spec: Mapping[str, Any], counts: Mapping[str, i
 # -- the subset folder --------------------------------------------------------------------------------------------
 
 
-def _check_images(listing: imagenet.Listing, sel: Selection, strict: bool) -> None:
+def _check_images(listing: imagenet.Listing, sel: Selection, strict: bool, shown_root: object) -> None:
     missing = [c for c in sel.classes if not listing.train.get(c)]
     if missing:
-        raise UserError(f"data.root={listing.root}: no train images for {len(missing)} class(es) of the subset "
+        raise UserError(f"data.root={shown_root}: no train images for {len(missing)} class(es) of the subset "
                         f"({_fmt(missing)}); expected train/<wnid>/ with images for each")
     n = sel.images_per_class
     short = [c for c in sel.classes if n is not None and len(listing.train[c]) < n]
@@ -264,8 +299,8 @@ def plan(cfg: DictConfig) -> Planned:
     if unknown:
         log.warning("ignoring %d class folders that are not ILSVRC-2012 classes: %s", len(unknown), _fmt(unknown))
     sel = sel or select(h, spec, {c: len(p) for c, p in listing.train.items()})
-    _check_images(listing, sel, spec["strict"])
-    stage = store.Stage(cfg.paths.runs, "subset", spec["name"],
+    _check_images(listing, sel, spec["strict"], cfg.data.get("root") or listing.root)  # the root as typed
+    stage = store.Stage(cfg.paths.runs, "subset", folder_name(spec),
                         {"subset": spec, "data_root": str(listing.root), "listing": listing.checksum,
                          "hierarchy": h.checksum})
     return Planned(stage, spec, h, listing, sel)
@@ -351,9 +386,45 @@ def run(cfg: DictConfig) -> Path:
 # -- `ablate classes` ---------------------------------------------------------------------------------------------
 
 
+def _names(h: wordnet.Hierarchy, wnids: Sequence[str], limit: int | None) -> str:
+    """``Chihuahua, Japanese spaniel, ... (215 more)``: the first ``limit`` short names (all with None)."""
+    shown = list(wnids) if limit is None else list(wnids)[:limit]
+    more = f", ... ({len(wnids) - len(shown)} more)" if len(shown) < len(wnids) else ""
+    return ", ".join(h.short_name(w) for w in shown) + more
+
+
+def excluded_by(h: wordnet.Hierarchy, spec: Mapping[str, Any], sel: Selection) -> dict[str, list[str]]:
+    """``subset.exclude``'s targets (``dog``, or a listed wnid) -> the subset's classes each one removed."""
+    removed = set(sel.excluded)
+    out = {}
+    for target, synsets in wordnet.exclude_synsets(spec["exclude"]).items():
+        label = f"{h.short_name(target)} ({target})" if target in h.names else f"{target} ({', '.join(synsets)})"
+        out[label] = sorted(wordnet.excluded(h, synsets) & removed)
+    return out
+
+
+def _print_classes(h: wordnet.Hierarchy, spec: Mapping[str, Any], sel: Selection,
+                   rows: list[tuple[int, str, list[str]]], show: DictConfig) -> None:
+    limit, members = show.get("groups"), show.get("members")
+    print(f"{spec['name']}: {len(rows)} classes from {len(sel.classes)} ImageNet classes"
+          f" ({len(sel.excluded)} excluded), largest first")
+    print(f"{'label':>5}  {'wnid':<9}  {'name':<24} {'members':>7}  member names")
+    for lab, m, ms in rows[:limit]:
+        print(f"{lab:>5}  {m:<9}  {h.short_name(m)[:24]:<24} {len(ms):>7}  {_names(h, ms, members)}")
+    if limit is not None and len(rows) > limit:
+        print(f"... {len(rows) - limit} more in groups.tsv (show.groups=null prints them all)")
+    if sel.excluded:
+        print(f"\nexcluded by subset.exclude ({len(sel.excluded)} classes, also in excluded.tsv):")
+        for target, removed in excluded_by(h, spec, sel).items():
+            names = f": {_names(h, removed, None)}" if removed else ""
+            print(textwrap.fill(f"{target}, {len(removed)}{names}", width=118, initial_indent="  ",
+                                subsequent_indent="      "))
+
+
 def show_classes(cfg: DictConfig) -> Path:
-    """``ablate classes``: the subset's classes, largest group first, from the hierarchy alone (a budget also needs
-    the listing, to know which classes have enough images). Writes groups.tsv so the table can be kept."""
+    """``ablate classes``: the subset's classes, largest group first, each with its members' names, and the classes
+    ``subset.exclude`` removed, by name; from the hierarchy alone (a budget also needs the listing, to know which
+    classes have enough images). Writes groups.tsv and excluded.tsv so the tables can be kept."""
     spec = read_spec(cfg)
     h = wordnet.load()
     counts = None
@@ -363,26 +434,31 @@ def show_classes(cfg: DictConfig) -> Path:
     sel = select(h, spec, counts)
     groups = sorted(sel.groups().items(), key=lambda kv: (-len(kv[1]), kv[0]))
     label = {merged: i for i, merged in enumerate(sel.groups())}
-    rows = [(label[m], m, h.short_name(m), len(members), members) for m, members in groups]
+    rows = [(label[m], m, members) for m, members in groups]
 
-    stage = store.Stage(cfg.paths.runs, "classes", spec["name"],
-                        {"subset": spec, "hierarchy": h.checksum, "counts": counts})
+    # layout 2: groups.tsv has member names, excluded.tsv is new (a new folder, as an old one lacks them)
+    stage = store.Stage(cfg.paths.runs, "classes", folder_name(spec),
+                        {"subset": spec, "hierarchy": h.checksum, "counts": counts, "layout": 2})
     if not stage.is_done():
         with stage.lock():
             if not stage.is_done():
                 stage.write_spec()
-                text = "".join(f"{lab}\t{m}\t{h.names[m]}\t{n}\t{' '.join(ms)}\n" for lab, m, _, n, ms in rows)
-                store.atomic_write_text(stage.path / "groups.tsv",
-                                        _tsv([text], "label\twnid\tname\tn_members\tmembers"))
-                store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-                stage.finish(["groups.tsv", "config.yaml"])
-
-    print(f"{spec['name']}: {len(rows)} classes from {len(sel.classes)} ImageNet classes"
-          f" ({len(sel.excluded)} excluded), largest first")
-    print(f"{'label':>5}  {'wnid':<9}  {'name':<24} {'members':>7}  examples")
-    for lab, m, name, n, members in rows[:SHOW_ROWS]:
-        examples = ", ".join(h.short_name(c) for c in members[:3]) + (", ..." if n > 3 else "")
-        print(f"{lab:>5}  {m:<9}  {name[:24]:<24} {n:>7}  {examples}")
-    if len(rows) > SHOW_ROWS:
-        print(f"... {len(rows) - SHOW_ROWS} more in groups.tsv")
+                _write_classes(stage, cfg, h, spec, sel, rows)
+    _print_classes(h, spec, sel, rows, cfg.show)
     return stage.path
+
+
+def _write_classes(stage: store.Stage, cfg: DictConfig, h: wordnet.Hierarchy, spec: Mapping[str, Any],
+                   sel: Selection, rows: list[tuple[int, str, list[str]]]) -> None:
+    groups = "".join(f"{lab}\t{m}\t{h.names[m]}\t{len(ms)}\t{' '.join(ms)}\t"
+                     f"{'; '.join(h.short_name(c) for c in ms)}\n" for lab, m, ms in rows)
+    store.atomic_write_text(stage.path / "groups.tsv",
+                            _tsv([groups], "label\twnid\tname\tn_members\tmembers\tmember_names"))
+    by_class: dict[str, list[str]] = {}
+    for target, removed in excluded_by(h, spec, sel).items():
+        for c in removed:
+            by_class.setdefault(c, []).append(target)
+    excluded = "".join(f"{c}\t{h.names[c]}\t{'; '.join(by_class.get(c, []))}\n" for c in sel.excluded)
+    store.atomic_write_text(stage.path / "excluded.tsv", _tsv([excluded], "wnid\tname\texcluded_by"))
+    store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    stage.finish(["groups.tsv", "excluded.tsv", "config.yaml"])

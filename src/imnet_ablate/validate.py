@@ -1,4 +1,5 @@
-"""Types and ranges of every numeric and switch key, checked once on the composed config before any work.
+"""Types and ranges of every numeric and switch key (and the words of a few choice keys), checked once on the
+composed config before any work.
 
 One table for all commands (keys are matched by glob on their dotted path, first match wins), so a bad value is
 one line naming the key, the value and what is allowed, with exit code 2, instead of a traceback minutes into a
@@ -14,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
+from .evaluate import METRICS
 
 Check = Callable[[Any], bool]
 
@@ -44,6 +46,11 @@ def either(word: str, rule: tuple[Check, str]) -> tuple[Check, str]:
     return (lambda v: v == word or rule[0](v)), f"{word!r} or {rule[1]}"
 
 
+def choice(*words: str) -> tuple[Check, str]:
+    """One of a few words: checked here so a typo fails before the stage folder exists, not inside the run."""
+    return (lambda v: v in words), " or ".join(f"'{w}'" for w in words)
+
+
 def optional(rule: tuple[Check, str]) -> tuple[Check, str]:
     return (lambda v: v is None or rule[0](v)), f"null or {rule[1]}"
 
@@ -63,6 +70,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("subset.images_per_class", optional(integer(1))),
     ("subset.num_classes", optional(integer(1, 1000))),
     ("subset.strict", SWITCH),
+    ("show.groups", optional(integer(1))),
+    ("show.members", optional(integer(1))),
     # models
     ("model.input_size", integer(16)),
     ("model.resize", integer(16)),
@@ -88,6 +97,9 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("train.channels_last", SWITCH),
     ("train.tensorboard", SWITCH),
     ("train.progress", AUTO_SWITCH),
+    ("train.schedule.unit", choice("epoch", "iteration")),
+    ("train.budget", choice("same_epochs", "same_iterations")),
+    ("train.augment", choice("crop", "resized_crop")),
     # loaders
     ("*.num_workers", either("auto", integer(0))),
     ("check.workers", either("auto", integer(1))),
@@ -112,6 +124,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("task.freeze_convs", integer(0, 5)),
     ("task.drop_last_pool", SWITCH),
     ("coco", SWITCH),
+    ("task.metric", choice(*METRICS)),  # else raised by the first AP, after the whole transfer training
     # packing, checking, benchmarking
     ("*.chunk_size", integer(1)),
     ("*.progress", AUTO_SWITCH),

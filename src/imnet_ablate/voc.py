@@ -68,10 +68,26 @@ class ClassScores(NamedTuple):
 
 # -- layout -------------------------------------------------------------------------------------------------------
 def year_dir(voc_root: Path | str, year: str = "2007") -> Path:
-    """``<VOCdevkit>/VOC<year>``; a path that already is the year folder is accepted too."""
+    """``<VOCdevkit>/VOC<year>``; a path that already is the year folder (it holds ImageSets/) is taken as it is.
+
+    Applied once, to the root a user gave (never to its result: that doubled ``VOC2007/VOC2007``), and never
+    resolved, so messages show the path as it was typed.
+    """
     root = Path(voc_root).expanduser()
     nested = root / f"VOC{year}"
     return nested if nested.is_dir() or not (root / "ImageSets").is_dir() else root
+
+
+def missing_year_dir(voc_root: Path | str, year: str = "2007") -> str | None:
+    """Why ``year_dir(voc_root)`` is no folder (None when it is one): the root holds neither VOC<year>/ nor
+    ImageSets/. Names the folder above that would work (a root given too deep, e.g. .../VOC2007/JPEGImages)."""
+    root = Path(voc_root).expanduser()
+    if year_dir(root, year).is_dir():
+        return None
+    fits = next((p for p in list(root.parents)[:3] if (p / f"VOC{year}").is_dir() or (p / "ImageSets").is_dir()), None)
+    hint = f"; did you mean {fits}?" if fits is not None else ""
+    return (f"{voc_root}: neither VOC{year}/ nor ImageSets/ is in this folder; expected the VOCdevkit folder "
+            f"(holding VOC{year}/) or VOC{year}/ itself{hint}")
 
 
 def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
@@ -79,11 +95,18 @@ def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
 
 
 def split_ids(voc_root: Path | str, split: str, year: str = "2007") -> list[str]:
-    path = year_dir(voc_root, year) / "ImageSets" / "Main" / f"{split}.txt"
+    """The image ids of ``ImageSets/Main/<split>.txt`` under a VOCdevkit (or year) folder, in file order."""
+    if problem := missing_year_dir(voc_root, year):
+        raise UserError(problem)
+    return _split_ids(year_dir(voc_root, year), split, year)
+
+
+def _split_ids(folder: Path, split: str, year: str) -> list[str]:
+    path = folder / "ImageSets" / "Main" / f"{split}.txt"
     try:
         text = path.read_text()
     except OSError as e:
-        raise UserError(f"{path}: cannot read the {split!r} split ({e.strerror}); expected a VOCdevkit folder "
+        raise UserError(f"{path}: cannot read the '{split}' split ({e.strerror}); expected a VOCdevkit folder "
                         f"holding VOC{year}/ImageSets/Main/{split}.txt") from e
     ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     seen: set[str] = set()
@@ -173,10 +196,12 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 def load_split(voc_root: Path | str, split: str, year: str = "2007", *, check_images: bool = True
                ) -> list[VocImage]:
     """The annotated images of ``ImageSets/Main/<split>.txt`` in file order (cached per process)."""
+    if problem := missing_year_dir(voc_root, year):
+        raise UserError(problem)
     folder = year_dir(voc_root, year)
     split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
     stamp = split_file.stat().st_mtime_ns if split_file.is_file() else 0
-    return list(_load_split_cached(str(folder.resolve()), split, year, stamp, check_images))
+    return list(_load_split_cached(str(folder), split, year, stamp, check_images))
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,7 +209,7 @@ def _load_split_cached(folder: str, split: str, year: str, stamp: int, check_ima
                        ) -> tuple[VocImage, ...]:
     del stamp  # only part of the cache key: a rewritten split file is read again
     root = Path(folder)
-    ids = split_ids(root, split, year)
+    ids = _split_ids(root, split, year)
     images, errors, warnings = [], [], []
     for image_id in ids:
         try:
@@ -198,7 +223,7 @@ def _load_split_cached(folder: str, split: str, year: str, stamp: int, check_ima
             errors.append(f"{root / 'JPEGImages' / f'{image_id}.jpg'}: missing (listed in {split}.txt)")
     if errors:
         more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
-        raise UserError(f"{len(errors)} problem(s) in the {split!r} split of {root}: "
+        raise UserError(f"{len(errors)} problem(s) in the '{split}' split of {root}: "
                         f"{'; '.join(errors[:MAX_LISTED])}{more}")
     if warnings:
         log.warning("%s %s: %d box(es) extend outside their image, kept as written: %s%s", root, split,
@@ -207,12 +232,19 @@ def _load_split_cached(folder: str, split: str, year: str, stamp: int, check_ima
 
 
 # -- devkit results files -----------------------------------------------------------------------------------------
-def det_results_path(folder: Path | str, split: str, cls: str) -> Path:
-    return Path(folder) / f"comp4_det_{split}_{cls}.txt"
+# The devkit's competitions share one file format and differ in the training data: comp3 (detection) and comp1
+# (classification) for systems trained on VOC data only, comp4 and comp2 with outside data (ImageNet pre-training,
+# as every network here). Readers take either; writers use the outside-data prefix.
+DET_COMPS = ("comp3", "comp4")
+CLS_COMPS = ("comp1", "comp2")
 
 
-def cls_results_path(folder: Path | str, split: str, cls: str) -> Path:
-    return Path(folder) / f"comp2_cls_{split}_{cls}.txt"
+def det_results_path(folder: Path | str, split: str, cls: str, comp: str = "comp4") -> Path:
+    return Path(folder) / f"{comp}_det_{split}_{cls}.txt"
+
+
+def cls_results_path(folder: Path | str, split: str, cls: str, comp: str = "comp2") -> Path:
+    return Path(folder) / f"{comp}_cls_{split}_{cls}.txt"
 
 
 def _fmt(x: float) -> str:
@@ -273,32 +305,51 @@ def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.n
 
 
 def _read_results(folder: Path | str, split: str, classes: Iterable[str], path_of: Callable[..., Path],
-                  layout: str, build: Callable[[np.ndarray, np.ndarray], Any]) -> dict[str, Any]:
-    """Every results file of ``classes`` present in ``folder``, parsed by ``layout`` and built into its type."""
-    out = {}
+                  comps: tuple[str, ...], layout: str, build: Callable[[np.ndarray, np.ndarray], Any]
+                  ) -> dict[str, Any]:
+    """Every results file of ``classes`` present in ``folder`` under any of ``comps``, parsed by ``layout`` and built
+    into its type. Two competitions' files for one class are an error (which one would be scored?)."""
+    out, used = {}, {}
     for cls in classes:
-        path = path_of(folder, split, cls)
-        if path.is_file():
-            ids, values = _parse_rows(path, len(layout.split()), layout)
+        present = [p for p in (path_of(folder, split, cls, comp) for comp in comps) if p.is_file()]
+        if len(present) > 1:
+            raise UserError(f"{folder}: {' and '.join(p.name for p in present)} both score {cls}; expected one "
+                            f"results file per class ({comps[0]}: trained on VOC data only, {comps[1]}: with outside "
+                            "data): move one competition's files out of the folder")
+        if present:
+            ids, values = _parse_rows(present[0], len(layout.split()), layout)
             out[cls] = build(np.array(ids, dtype=str), values)
+            used.setdefault(present[0].name.split("_", 1)[0], []).append(cls)
+    if len(used) > 1:
+        log.warning("%s: results of two competitions, scored together: %s", folder,
+                    "; ".join(f"{comp} for {', '.join(names)}" for comp, names in used.items()))
     return out
 
 
 def read_det_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassDets]:
-    """The ``comp4_det`` files present in ``folder`` (classes without a file are left out of the result)."""
-    return _read_results(folder, split, classes, det_results_path, "<image_id> <score> <x1> <y1> <x2> <y2>",
+    """The ``comp3_det`` / ``comp4_det`` files present in ``folder`` (classes without a file are left out)."""
+    return _read_results(folder, split, classes, det_results_path, DET_COMPS, "<image_id> <score> <x1> <y1> <x2> <y2>",
                          lambda ids, v: ClassDets(ids, v[:, 0].copy(), v[:, 1:5].copy()))
 
 
 def read_cls_results(folder: Path | str, split: str, classes: Iterable[str] = CLASSES) -> dict[str, ClassScores]:
-    """The ``comp2_cls`` files present in ``folder`` (classes without a file are left out of the result)."""
-    return _read_results(folder, split, classes, cls_results_path, "<image_id> <score>",
+    """The ``comp1_cls`` / ``comp2_cls`` files present in ``folder`` (classes without a file are left out)."""
+    return _read_results(folder, split, classes, cls_results_path, CLS_COMPS, "<image_id> <score>",
                          lambda ids, v: ClassScores(ids, v[:, 0].copy()))
 
 
-def warn_missing_classes(folder: Path | str, results: Mapping[str, Any]) -> None:
-    """Scoring a folder of results files: classes without a file score as if nothing was found; say which."""
+def results_to_score(folder: Path | str, split: str, kind: str, shown_as: str) -> dict[str, Any]:
+    """The ``det`` or ``cls`` results files of a split that ``ablate evaluate`` scores: at least one (else a one-line
+    error naming the folder as the user typed it, ``shown_as``); classes without a file score as if nothing was
+    found, and a warning says which."""
+    read, comps = (read_det_results, DET_COMPS) if kind == "det" else (read_cls_results, CLS_COMPS)
+    results = read(folder, split)
+    if not results:
+        names = " or ".join(f"{comp}_{kind}_{split}_<class>.txt" for comp in comps)
+        raise UserError(f"detections={shown_as}: no {names} files; expected the devkit's results files for this "
+                        "split (docs/evaluate.md)")
     missing = [c for c in CLASSES if c not in results]
     if missing:
-        log.warning("%s: no results file for %d class(es), scored as no detections: %s", folder, len(missing),
+        log.warning("%s: no results file for %d class(es), scored as no detections: %s", shown_as, len(missing),
                     ", ".join(missing))
+    return results

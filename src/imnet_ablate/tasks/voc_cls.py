@@ -105,11 +105,7 @@ class VocClassification(Task):
     def score_files(self, folder: Path, roots: dict[str, Path], split: str, metric: str, options: DictConfig
                     ) -> Metrics:
         images = voc.load_split(roots["voc2007"], split, check_images=False)
-        results = voc.read_cls_results(folder, split)
-        if not results:
-            raise UserError(f"detections={folder}: no comp2_cls_{split}_<class>.txt files; expected the devkit's "
-                            "classification results files for this split")
-        voc.warn_missing_classes(folder, results)
+        results = voc.results_to_score(folder, split, "cls", str(options.detections))
         ap = evaluate.voc_cls_ap(images, evaluate.cls_score_matrix(images, results), metric)
         return Metrics(self.name, metric, self.score_name, evaluate.mean_ap(ap), ap,
                        {"split": split, "n_images": len(images),

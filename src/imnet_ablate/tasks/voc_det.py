@@ -26,7 +26,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from .. import evaluate, voc
-from ..errors import UserError
 from ..models import Backbone
 from . import Metrics, Task, TaskRun, json_number, training
 
@@ -151,10 +150,6 @@ class VocDetection(Task):
                     ) -> Metrics:
         """``options.coco``: also COCO AP (pycocotools: about a minute per million detections)."""
         images = voc.load_split(roots["voc2007"], split, check_images=False)
-        dets = voc.read_det_results(folder, split)
-        if not dets:
-            raise UserError(f"detections={folder}: no comp4_det_{split}_<class>.txt files; expected the devkit's "
-                            "detection results files for this split")
-        voc.warn_missing_classes(folder, dets)
+        dets = voc.results_to_score(folder, split, "det", str(options.detections))
         return self.score(images, dets, metric, {"split": split, "n_images": len(images)},
                           bool(options.get("coco", True)))
