@@ -37,6 +37,19 @@ def resolve(cfg: DictConfig, need_voc: bool = False) -> DataRoots:
     return DataRoots(imagenet, voc)
 
 
+def voc2012_root(cfg: DictConfig) -> Path:
+    """The VOCdevkit holding ``VOC2012/`` (action classification): ``data.voc2012_root`` when set, else the
+    generated demo devkit when the data config is the demo's."""
+    data = cfg.data
+    if data.get("voc2012_root") not in (None, ""):
+        return _existing_dir(data.voc2012_root, "data.voc2012_root")
+    if data.get("demo") is not None and data.get("root") is None:
+        from . import demo_actions
+
+        return demo_actions.ensure(data.demo, Path(cfg.paths.cache)) / "VOCdevkit"
+    raise UserError("data.voc2012_root is not set: pass data.voc2012_root=<VOCdevkit folder holding VOC2012/>")
+
+
 def generate_demo(cfg: DictConfig) -> Path:
     """``ablate data demo``: generate (or find) the demo pair and report its folder."""
     if cfg.data.get("demo") is None:
