@@ -7,12 +7,21 @@ matched; IoU >= 0.5 with a difficult object: neither TP nor FP; with an object a
 Classification (``VOCevalcls.m``): per class, an image is positive if it holds a non-difficult object of the class,
 ignored if its objects of the class are all difficult, negative otherwise; images without a score rank last.
 
+Action classification (VOC 2012 ``VOCevalaction.m``): per action, every person of the action list is ranked by
+its score, descending, ties in list order (MATLAB's stable ``sort`` of ``-score`` over the list); persons without a
+score get -inf, so they rank last, in list order; label 1 is a true positive, -1 a false positive. The devkit's
+default metric for it is ``area``. The mean is over the 10 actions (``other`` is not scored).
+
 Metrics: ``voc07`` averages the maximum precision at recall >= t over MATLAB's ``0:0.1:1`` (see
 ``matlab_colon``); ``area`` is the VOC2010+ area under the monotone precision envelope (``VOCap.m``).
 
 Deliberate differences from the devkit, in degenerate cases only:
 - a class without non-difficult ground truth gets AP NaN (the devkit gives 0 for voc07, NaN for area) and is
   left out of the mAP, so a small split missing a class does not drag the mean down; JSON writes NaN as null;
+- an action without a positive person gets AP NaN (the devkit's 0/0 recall makes its AP NaN too, and with it its
+  mean over the actions) and is left out of the mean, as a class without positives is;
+- an action results file that lists a person twice, or a person the split does not list, is an error (the devkit
+  keeps the last line of a person twice and stops at an unknown one);
 - precision is 0 where no detection has been counted yet (the devkit gets 0/0 = NaN and MATLAB's ``max`` skips
   it); this differs only when every detection hits a difficult object, where the devkit's voc07 AP is NaN and ours 0.
 """
@@ -28,9 +37,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from . import voc_actions
 from .errors import UserError
 from .store import atomic_write_json
 from .voc import CLASSES, ClassDets, ClassScores, VocImage
+from .voc_actions import SCORED, ActionPerson
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +260,49 @@ def voc_cls_ap(images: Sequence[VocImage], scores: np.ndarray, metric: str = "vo
     return out
 
 
+# -- action classification ----------------------------------------------------------------------------------------
+def action_ground_truth(persons: Sequence[ActionPerson]) -> np.ndarray:
+    """int8 (n_persons, 10): 1 where the person does the scored action, -1 where not."""
+    gt = np.array([[p.does(a) for a in SCORED] for p in persons], bool).reshape(-1, len(SCORED))
+    return np.where(gt, 1, -1).astype(np.int8)
+
+
+def voc_action_ap(persons: Sequence[ActionPerson], scores: Mapping[str, np.ndarray], metric: str = "area"
+                  ) -> dict[str, float]:
+    """Per-action AP (devkit rule) over ``persons`` in list order; ``scores[action]`` has one score per person,
+    -inf for persons without one (ranked last). An action missing from ``scores`` has no scores at all."""
+    gt = action_ground_truth(persons)
+    out = {}
+    for a, action in enumerate(SCORED):
+        s = np.asarray(scores.get(action, np.full(len(persons), -np.inf)), np.float64)
+        if s.shape != (len(persons),):
+            raise ValueError(f"scores[{action!r}] has shape {s.shape}, expected ({len(persons)},)")
+        ranked = gt[np.argsort(-s, kind="stable"), a]
+        out[action] = ap_from_counts(ranked > 0, ranked < 0, int((gt[:, a] > 0).sum()), metric)
+    return out
+
+
+def action_record(voc2012_root: Path | str, folder: Path | str, split: str, metric: str = "area") -> dict:
+    """Score the ``comp10_action_<split>_<action>.txt`` files of ``folder``: the record ``ablate evaluate`` writes
+    (task, metric, split, counts, ``ap`` per action and ``map``; NaN as None)."""
+    if metric not in METRICS:
+        raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
+    images = voc_actions.load_split(voc2012_root, split, check_images=False)
+    persons = voc_actions.listed_persons(images)
+    scores = voc_actions.read_results(folder, split, persons)
+    if not scores:
+        raise UserError(f"detections={folder}: no comp10_action_{split}_<action>.txt files; expected the devkit's "
+                        "action results files for this split")
+    missing = [a for a in SCORED if a not in scores]
+    if missing:
+        log.warning("%s: no results file for %d action(s), every person unscored (ranked in list order): %s",
+                    folder, len(missing), ", ".join(missing))
+    ap = voc_action_ap(persons, scores, metric)
+    return {"task": "voc-act", "metric": metric, "split": split, "n_images": len(images), "n_persons": len(persons),
+            "n_scores": int(sum(np.isfinite(s).sum() for s in scores.values())),
+            "map": _json_number(mean_ap(ap)), "ap": {a: _json_number(v) for a, v in ap.items()}}
+
+
 # -- COCO-style ---------------------------------------------------------------------------------------------------
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -296,8 +350,9 @@ def _task_name(cfg: DictConfig) -> str:
     """The task config group (``conf/task/*.yaml``, which has a ``name``) or a plain string."""
     task = cfg.get("task")
     name = task.get("name") if isinstance(task, Mapping) or OmegaConf.is_dict(task) else task
-    if name not in ("voc-det", "voc-cls"):
-        raise UserError(f"task={name}: unknown; expected voc-det (comp4_det files) or voc-cls (comp2_cls files)")
+    if name not in ("voc-det", "voc-cls", "voc-act"):
+        raise UserError(f"task={name}: unknown; expected voc-det (comp4_det files), voc-cls (comp2_cls files) or "
+                        "voc-act (comp10_action files)")
     return str(name)
 
 
@@ -317,27 +372,20 @@ def _voc_root(cfg: DictConfig) -> Path:
 
 
 def format_table(ap: Mapping[str, float], title: str) -> str:
-    rows = [f"{cls:<12} {100 * v:6.2f}" if not math.isnan(v) else f"{cls:<12}    n/a" for cls, v in ap.items()]
-    m = mean_ap(ap)
-    return "\n".join([title, *rows, f"{'mAP':<12} {100 * m:6.2f}" if not math.isnan(m) else "mAP             n/a"])
+    width = max(12, *map(len, ap))
+    rows = [f"{name:<{width}} {100 * v:6.2f}" if not math.isnan(v) else f"{name:<{width}}    n/a"
+            for name, v in {**ap, "mAP": mean_ap(ap)}.items()]
+    return "\n".join([title, *rows])
 
 
 def _json_number(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
-def run(cfg: DictConfig) -> Path:
-    """``ablate evaluate``: score devkit results files, print per-class AP, write the JSON; returns its folder."""
+def _voc2007_record(cfg: DictConfig, task: str, folder: Path, split: str, metric: str) -> dict:
+    """voc-det / voc-cls: score the comp4_det / comp2_cls files of ``folder`` against the VOC 2007 split."""
     from . import voc
 
-    task, split, metric = _task_name(cfg), str(cfg.split), str(cfg.metric)
-    if metric not in METRICS:
-        raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
-    if cfg.get("detections") in (None, ""):  # None also when left at ???
-        raise UserError("detections is not set: pass detections=<folder holding the devkit results files>")
-    folder = Path(str(cfg.detections)).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"detections={cfg.detections}: no such folder")
     images = voc.load_split(_voc_root(cfg), split, check_images=False)
     pattern = "comp4_det_{split}_<class>.txt" if task == "voc-det" else "comp2_cls_{split}_<class>.txt"
     results = (voc.read_det_results if task == "voc-det" else voc.read_cls_results)(folder, split)
@@ -357,8 +405,29 @@ def run(cfg: DictConfig) -> Path:
             record["coco"] = {k: _json_number(v) for k, v in coco_det_ap(images, results).items()}
     else:
         ap = voc_cls_ap(images, cls_score_matrix(images, results), metric)
-    record.update(map=_json_number(mean_ap(ap)), ap={c: _json_number(v) for c, v in ap.items()})
-    print(format_table(ap, f"{task} {split} AP ({metric}), {len(images)} images"))
+    return record | {"map": _json_number(mean_ap(ap)), "ap": {c: _json_number(v) for c, v in ap.items()}}
+
+
+def run(cfg: DictConfig) -> Path:
+    """``ablate evaluate``: score devkit results files, print per-class AP, write the JSON; returns its folder."""
+    from . import datasets
+
+    task, split, metric = _task_name(cfg), str(cfg.split), str(cfg.metric)
+    if metric not in METRICS:
+        raise UserError(f"metric={metric}: unknown; expected one of {', '.join(METRICS)}")
+    if cfg.get("detections") in (None, ""):  # None also when left at ???
+        raise UserError("detections is not set: pass detections=<folder holding the devkit results files>")
+    folder = Path(str(cfg.detections)).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"detections={cfg.detections}: no such folder")
+    if task == "voc-act":
+        record = action_record(datasets.voc2012_root(cfg), folder, split, metric)
+        counted = f"{record['n_persons']} persons"
+    else:
+        record = _voc2007_record(cfg, task, folder, split, metric)
+        counted = f"{record['n_images']} images"
+    ap = {name: math.nan if v is None else v for name, v in record["ap"].items()}
+    print(format_table(ap, f"{task} {split} AP ({metric}), {counted}"))
     if "coco" in record:
         print("COCO " + " ".join(f"{k} {100 * v:.2f}" if v is not None else f"{k} n/a"
                                  for k, v in record["coco"].items()))
