@@ -76,7 +76,8 @@ def test_actions_in_the_devkit_order():
 def test_load_split_in_list_order_from_the_devkit_or_the_year_folder(tree):
     for root in (tree, tree / "VOC2012"):
         images = va.load_split(root, "train")
-        assert [im.id for im in images] == ["2012_000001", "2012_000002"] and (images[0].width, images[0].height) == (100, 80)
+        assert [im.id for im in images] == ["2012_000001", "2012_000002"]
+        assert (images[0].width, images[0].height) == (100, 80)
         persons = va.listed_persons(images)
         assert [(p.image_id, p.index) for p in persons] == [("2012_000001", 1), ("2012_000001", 2), ("2012_000002", 1)]
         assert persons[1].box == (11.0, 2.0, 19.0, 30.0)
@@ -154,7 +155,8 @@ def test_all_problems_of_a_split_in_one_message(tree):
     message = problem_of(tree)
     assert message.startswith("3 problem(s) in the 'train' action split") and "2012_000009" in message
     # the odd list is reported, not the ten that agree with each other
-    assert "2012_000001.jpg: missing" in message and "jumping_train.txt: lists 2 persons, phoning_train.txt lists 3" in message
+    assert "2012_000001.jpg: missing" in message
+    assert "jumping_train.txt: lists 2 persons, phoning_train.txt lists 3" in message
     assert va.load_split(tree, "val")  # the other split is fine
 
 
@@ -212,7 +214,7 @@ def test_results_reader_names_file_and_line(tree, tmp_path, line, words):
     assert "z" * 50 not in str(e.value)
 
 
-# -- ablate data check check.what=voc2012 -------------------------------------------------------------------------------
+# -- ablate data check check.what=voc2012 ---------------------------------------------------------------------------
 def test_check_tree_finds_every_kind_of_problem(tree):
     year = va.year_dir(tree)
     va.split_path(tree, "trainval").write_text("2012_000001\n2012_000002\n2012_000003\n")  # without lists
