@@ -14,6 +14,8 @@ REFERENCE = REPO.parent / "shared" / "reference"
 # Small enough for CI, big enough that every subset preset and both VOC splits have data.
 TINY_DEMO = {"seed": 0, "train_per_class": 4, "val_per_class": 2, "image_size": 32, "voc_image_size": 64,
              "voc_trainval": 200, "voc_test": 200}
+# The other generated datasets' sections of data.demo (generated on first use by the tasks that read them).
+TINY_VOC2012 = {"train_images": 60, "val_images": 30, "image_size": 64}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,8 @@ def demo_cache(tmp_path_factory) -> Path:
 
 def tiny_demo_overrides(cache: Path, runs: Path) -> list[str]:
     """Hydra overrides that point a command at the tiny demo and an isolated runs folder."""
-    return [f"paths.cache={cache}", f"paths.runs={runs}"] + [f"data.demo.{k}={v}" for k, v in TINY_DEMO.items()]
+    return ([f"paths.cache={cache}", f"paths.runs={runs}"] + [f"data.demo.{k}={v}" for k, v in TINY_DEMO.items()]
+            + [f"data.demo.voc2012.{k}={v}" for k, v in TINY_VOC2012.items()])
 
 
 def run_ablate(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None

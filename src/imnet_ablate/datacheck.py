@@ -27,10 +27,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, imagenet, store
+from . import datasets, imagenet, store, voc_actions
 from .errors import UserError
 
-WHAT = ("imagenet", "voc", "both")
+WHAT = ("imagenet", "voc", "both", "voc2012")
 CHUNK = 256  # files per worker task: big enough to amortise the pickling, small enough to balance two cores
 
 # problem code -> (severity, what happens to such a file)
@@ -59,6 +59,7 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "no-objects": ("warning", "annotation without objects; contributes only negatives"),
     "size-mismatch": ("warning", "annotation <size> differs from the JPEG; boxes are used as written"),
     "unlisted": ("warning", "in no split file; never used"),
+    **voc_actions.PROBLEMS,  # the VOC 2012 action devkit's (what=voc2012), checked by its reader
 }
 # Image problems that make one file unusable: these are what known_bad() hands the subset builder.
 BAD_IMAGE = {"empty", "unreadable", "not-an-image", "truncated", "undecodable", "too-large"}
@@ -395,6 +396,18 @@ def _size_mismatches(voc_root: Path, jpegs: dict[str, str], sizes: dict[str, tup
     return out
 
 
+def scan_voc2012(voc2012_root: Path) -> Scan:
+    """The VOC 2012 action splits, lists and annotations, checked by ``voc_actions`` (no image decoded yet)."""
+    found = voc_actions.check_tree(voc2012_root)
+
+    def rel(path: Path) -> str:
+        return str(path.relative_to(voc2012_root)) if path.is_relative_to(voc2012_root) else str(path)
+
+    return Scan(voc2012_root, images=[rel(p) for p in found.jpegs],
+                findings=[Finding("voc2012", rel(p.path), p.code, p.detail) for p in found.problems],
+                stats=[f"{rel(p)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in found.files])
+
+
 # -- report -------------------------------------------------------------------------------------------------------
 def _sorted(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(set(findings), key=lambda f: (f.severity != "error", f.dataset, f.problem, f.path))
@@ -510,6 +523,11 @@ def check_all(scans: dict[str, Scan], check: Check) -> dict[str, Any]:
     if "voc" in scans:
         found, summaries["voc"] = check_voc(scans["voc"], check)
         findings += found
+    if "voc2012" in scans:
+        scan = scans["voc2012"]
+        found, modes = check_images("voc2012", scan.root, scan.images, check)
+        findings += scan.findings + found
+        summaries["voc2012"] = {"root": str(scan.root), "images": len(scan.images), "modes": dict(modes)}
     return report(findings, summaries)
 
 
@@ -527,6 +545,9 @@ def run(cfg: DictConfig) -> Path:
         voc_root = datasets.root(cfg, "voc2007").resolve()
         scans["voc"] = scan_voc(voc_root)
         spec["voc"] = str(voc_root)
+    if check.what == "voc2012":
+        scans["voc2012"] = scan_voc2012(datasets.root(cfg, "voc2012").resolve())
+        spec["voc2012"] = str(scans["voc2012"].root)
     stage = store.Stage(cfg.paths.runs, "datacheck", f"{cfg.data.name}-{check.what}",
                         spec | {"signature": _signature(scans.values())})
     report_path = stage.path / "report.json"

@@ -28,7 +28,17 @@ class Dataset:
 def _demo_pair(cfg_demo: DictConfig, cache: Path) -> Path:
     from . import demo
 
-    return demo.ensure(pair_params(cfg_demo), cache)
+    return demo.ensure(_plain(cfg_demo), cache)
+
+
+def _demo_actions(cfg_demo: DictConfig, cache: Path) -> Path:
+    from . import demo_actions
+
+    return demo_actions.ensure(_plain(cfg_demo), cache) / "VOCdevkit"
+
+
+def _plain(node: DictConfig | dict) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in [
@@ -36,14 +46,8 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
             lambda d, cache: _demo_pair(d, cache) / "imagenet"),
     Dataset("voc2007", "voc_root", "voc", "VOCdevkit folder holding VOC2007/",
             lambda d, cache: _demo_pair(d, cache) / "VOCdevkit"),
+    Dataset("voc2012", "voc2012_root", "voc2012", "VOCdevkit folder holding VOC2012/", _demo_actions),
 ]}
-
-
-def pair_params(cfg_demo: DictConfig | dict) -> dict[str, Any]:
-    """The settings of the generated ImageNet/VOC 2007 pair: ``data.demo``'s own values, without the nested
-    sections of the other generated datasets (so adding one never changes the pair's folder or stage hashes)."""
-    values = OmegaConf.to_container(cfg_demo, resolve=True) if OmegaConf.is_config(cfg_demo) else dict(cfg_demo)
-    return {k: v for k, v in values.items() if not isinstance(v, dict)}
 
 
 def dataset(name: str) -> Dataset:
@@ -87,8 +91,10 @@ def identity(cfg: DictConfig, name: str) -> Any:
 def demo_identity(cfg_demo: DictConfig, name: str) -> dict[str, Any]:
     """The demo settings that determine dataset ``name``: the pair's for ImageNet and VOC 2007, else the seed and
     the dataset's own section ``data.demo.<name>``."""
-    if name in ("imagenet", "voc2007"):
-        return pair_params(cfg_demo)
+    from .demo import pair_settings
+
+    if name in ("imagenet", "voc2007"):  # the generated pair: adding a dataset's section never changes its hash
+        return pair_settings(_plain(cfg_demo))
     section = cfg_demo.get(name)
     return {"seed": int(cfg_demo.seed), **(OmegaConf.to_container(section, resolve=True) if section else {})}
 

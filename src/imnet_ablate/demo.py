@@ -73,9 +73,15 @@ MINIMUM = {"seed": 0, "train_per_class": 1, "val_per_class": 1, "image_size": 16
            "voc_trainval": 2, "voc_test": 1}
 
 
+def pair_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of this pair: ``data.demo`` without the nested sections of other generated datasets (such as
+    ``voc2012``), so adding one never changes this pair's folder."""
+    return {key: value for key, value in params.items() if not isinstance(value, Mapping)}
+
+
 def parse_params(params: Mapping[str, Any]) -> DemoParams:
     """Validated parameters; a bad value is a one-line ``UserError`` naming the ``data.demo`` key."""
-    given = dict(params.items())
+    given = pair_settings(params)
     unknown = sorted(set(given) - set(MINIMUM))
     if unknown:
         raise UserError(f"data.demo.{unknown[0]}: unknown setting; expected one of {', '.join(MINIMUM)}")

@@ -8,12 +8,21 @@ matched; IoU >= 0.5 with a difficult object: neither TP nor FP; with an object a
 Classification (``VOCevalcls.m``): per class, an image is positive if it holds a non-difficult object of the class,
 ignored if its objects of the class are all difficult, negative otherwise; images without a score rank last.
 
+Action classification (VOC 2012 ``VOCevalaction.m``): per action, every person of the action list is ranked by
+its score, descending, ties in list order (MATLAB's stable ``sort`` of ``-score`` over the list); persons without a
+score get -inf, so they rank last, in list order; label 1 is a true positive, -1 a false positive. The devkit's
+default metric for it is ``area``. The mean is over the 10 actions (``other`` is not scored).
+
 Metrics: ``voc07`` averages the maximum precision at recall >= t over MATLAB's ``0:0.1:1`` (see
 ``matlab_colon``); ``area`` is the VOC2010+ area under the monotone precision envelope (``VOCap.m``).
 
 Deliberate differences from the devkit, in degenerate cases only:
 - a class without non-difficult ground truth gets AP NaN (the devkit gives 0 for voc07, NaN for area) and is
   left out of the mAP, so a small split missing a class does not drag the mean down; JSON writes NaN as null;
+- an action without a positive person gets AP NaN (the devkit's 0/0 recall makes its AP NaN too, and with it its
+  mean over the actions) and is left out of the mean, as a class without positives is;
+- an action results file that lists a person twice, or a person the split does not list, is an error (the devkit
+  keeps the last line of a person twice and stops at an unknown one);
 - precision is 0 where no detection has been counted yet (the devkit gets 0/0 = NaN and MATLAB's ``max`` skips
   it); this differs only when every detection hits a difficult object, where the devkit's voc07 AP is NaN and ours 0.
 """
@@ -27,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from .errors import UserError
 from .voc import CLASSES, ClassDets, ClassScores, VocImage
+from .voc_actions import SCORED, ActionPerson
 
 METRICS = ("voc07", "area")
 IOU_THRESHOLD = 0.5
@@ -240,6 +250,28 @@ def voc_cls_ap(images: Sequence[VocImage], scores: np.ndarray, metric: str = "vo
     for c, cls in enumerate(CLASSES):
         ranked = gt[np.argsort(-scores[:, c], kind="stable"), c]
         out[cls] = ap_from_counts(ranked > 0, ranked < 0, int((gt[:, c] > 0).sum()), metric)
+    return out
+
+
+# -- action classification ----------------------------------------------------------------------------------------
+def action_ground_truth(persons: Sequence[ActionPerson]) -> np.ndarray:
+    """int8 (n_persons, 10): 1 where the person does the scored action, -1 where not."""
+    gt = np.array([[p.does(a) for a in SCORED] for p in persons], bool).reshape(-1, len(SCORED))
+    return np.where(gt, 1, -1).astype(np.int8)
+
+
+def voc_action_ap(persons: Sequence[ActionPerson], scores: Mapping[str, np.ndarray], metric: str = "area"
+                  ) -> dict[str, float]:
+    """Per-action AP (devkit rule) over ``persons`` in list order; ``scores[action]`` has one score per person,
+    -inf for persons without one (ranked last). An action missing from ``scores`` has no scores at all."""
+    gt = action_ground_truth(persons)
+    out = {}
+    for a, action in enumerate(SCORED):
+        s = np.asarray(scores.get(action, np.full(len(persons), -np.inf)), np.float64)
+        if s.shape != (len(persons),):
+            raise ValueError(f"scores[{action!r}] has shape {s.shape}, expected ({len(persons)},)")
+        ranked = gt[np.argsort(-s, kind="stable"), a]
+        out[action] = ap_from_counts(ranked > 0, ranked < 0, int((gt[:, a] > 0).sum()), metric)
     return out
 
 

@@ -40,8 +40,8 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"detections={cfg.detections}: no such folder")
     roots = {name: datasets.root(cfg, name) for name in task.datasets}
     metrics = task.score_files(folder, roots, split, metric, cfg)
-    n_images = metrics.extras.get("n_images", "?")
-    print(format_table(metrics, f"{task.name} {split} {metrics.score_name} ({metric}), {n_images} images"))
+    counts = ", ".join(f"{v} {k.removeprefix('n_')}" for k, v in metrics.extras.items() if k.startswith("n_"))
+    print(format_table(metrics, f"{task.name} {split} {metrics.score_name} ({metric}), {counts}"))
     record = metrics.record()
     if record.get("coco"):
         print("COCO " + " ".join(f"{k} {100 * v:.2f}" if v is not None else f"{k} n/a"

@@ -94,20 +94,21 @@ def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
     return year_dir(voc_root, year) / "JPEGImages" / f"{image_id}.jpg"
 
 
-def split_ids(voc_root: Path | str, split: str, year: str = "2007") -> list[str]:
-    """The image ids of ``ImageSets/Main/<split>.txt`` under a VOCdevkit (or year) folder, in file order."""
+def split_ids(voc_root: Path | str, split: str, year: str = "2007", image_sets: str = "Main") -> list[str]:
+    """The image ids of ``ImageSets/<image_sets>/<split>.txt`` (``Main`` for detection, ``Action`` in VOC 2012)
+    under a VOCdevkit (or year) folder, in file order."""
     if problem := missing_year_dir(voc_root, year):
         raise UserError(problem)
-    return _split_ids(year_dir(voc_root, year), split, year)
+    return _split_ids(year_dir(voc_root, year), split, year, image_sets)
 
 
-def _split_ids(folder: Path, split: str, year: str) -> list[str]:
-    path = folder / "ImageSets" / "Main" / f"{split}.txt"
+def _split_ids(folder: Path, split: str, year: str, image_sets: str = "Main") -> list[str]:
+    path = folder / "ImageSets" / image_sets / f"{split}.txt"
     try:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read the '{split}' split ({e.strerror}); expected a VOCdevkit folder "
-                        f"holding VOC{year}/ImageSets/Main/{split}.txt") from e
+                        f"holding VOC{year}/ImageSets/{image_sets}/{split}.txt") from e
     ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     seen: set[str] = set()
     dupes = sorted({i for i in ids if i in seen or seen.add(i)})
@@ -117,7 +118,7 @@ def _split_ids(folder: Path, split: str, year: str) -> list[str]:
 
 
 # -- annotations --------------------------------------------------------------------------------------------------
-def _text(node: ET.Element, tag: str, default: str | None = None) -> str:
+def xml_text(node: ET.Element, tag: str, default: str | None = None) -> str:
     child = node.find(tag)
     if child is None or child.text is None or not child.text.strip():
         if default is None:
@@ -126,8 +127,8 @@ def _text(node: ET.Element, tag: str, default: str | None = None) -> str:
     return child.text.strip()
 
 
-def _number(node: ET.Element, tag: str) -> float:
-    raw = _text(node, tag)
+def xml_number(node: ET.Element, tag: str) -> float:
+    raw = xml_text(node, tag)
     try:
         value = float(raw)
     except ValueError:
@@ -139,17 +140,17 @@ def _number(node: ET.Element, tag: str) -> float:
 
 def _flag(node: ET.Element, tag: str) -> bool:
     """``difficult``/``truncated``: missing means 0; VOC writes 0/1 (some tools write floats)."""
-    raw = _text(node, tag, default="0")
+    raw = xml_text(node, tag, default="0")
     try:
         return float(raw) != 0
     except ValueError:
         raise ValueError(f"<{tag}> is {raw!r}, expected 0 or 1") from None
 
 
-def parse_annotation(path: Path) -> tuple[VocImage, list[str]]:
-    """One ``Annotations/<id>.xml`` -> (image, warnings). Raises ``UserError`` naming the file."""
+def read_xml(path: Path) -> ET.Element:
+    """The root element of an annotation file, parsed with defusedxml; ``UserError`` naming the file."""
     try:
-        root = DET.parse(str(path), forbid_dtd=True, forbid_entities=True, forbid_external=True).getroot()
+        return DET.parse(str(path), forbid_dtd=True, forbid_entities=True, forbid_external=True).getroot()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror}); every listed image needs an annotation") from e
     except defusedxml.DefusedXmlException as e:
@@ -157,22 +158,38 @@ def parse_annotation(path: Path) -> tuple[VocImage, list[str]]:
                         "entities") from e
     except ET.ParseError as e:
         raise UserError(f"{path}: malformed XML ({e})") from e
+
+
+def xml_size(root: ET.Element) -> tuple[int, int]:
+    """(width, height) of an annotation's ``<size>``; ``ValueError`` when missing or not numeric."""
+    size = root.find("size")
+    if size is None:
+        raise ValueError("missing <size>")
+    return int(xml_number(size, "width")), int(xml_number(size, "height"))
+
+
+def xml_box(obj: ET.Element, k: int) -> tuple[float, float, float, float]:
+    """``<bndbox>`` of object ``k`` (0-based, for the message) as written: 1-based x1 y1 x2 y2."""
+    bb = obj.find("bndbox")
+    if bb is None:
+        raise ValueError(f"object {k}: missing <bndbox>")
+    x1, y1, x2, y2 = (xml_number(bb, t) for t in ("xmin", "ymin", "xmax", "ymax"))
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"object {k}: box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
+    return x1, y1, x2, y2
+
+
+def parse_annotation(path: Path) -> tuple[VocImage, list[str]]:
+    """One ``Annotations/<id>.xml`` -> (image, warnings). Raises ``UserError`` naming the file."""
+    root = read_xml(path)
     try:
-        size = root.find("size")
-        if size is None:
-            raise ValueError("missing <size>")
-        width, height = int(_number(size, "width")), int(_number(size, "height"))
+        width, height = xml_size(root)
         boxes, labels, difficult, truncated, warnings = [], [], [], [], []
         for k, obj in enumerate(root.findall("object")):
-            name = _text(obj, "name")
+            name = xml_text(obj, "name")
             if name not in CLASS_INDEX:
                 raise ValueError(f"object {k}: unknown class {name!r}; expected one of the 20 VOC classes")
-            bb = obj.find("bndbox")
-            if bb is None:
-                raise ValueError(f"object {k}: missing <bndbox>")
-            x1, y1, x2, y2 = (_number(bb, t) for t in ("xmin", "ymin", "xmax", "ymax"))
-            if x2 < x1 or y2 < y1:
-                raise ValueError(f"object {k}: box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
+            x1, y1, x2, y2 = xml_box(obj, k)
             if x1 < 1 or y1 < 1 or x2 > width or y2 > height:
                 warnings.append(f"{path.name}: object {k} box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) outside "
                                 f"{width}x{height}")
@@ -247,7 +264,7 @@ def cls_results_path(folder: Path | str, split: str, cls: str, comp: str = "comp
     return Path(folder) / f"{comp}_cls_{split}_{cls}.txt"
 
 
-def _fmt(x: float) -> str:
+def exact_float(x: float) -> str:
     """Shortest text that reads back as the same float, so rescoring a written file gives identical APs."""
     return repr(float(x))
 
@@ -257,7 +274,7 @@ def write_det_results(folder: Path | str, split: str, dets: Mapping[str, ClassDe
     paths = []
     for cls in CLASSES:
         d = dets.get(cls)
-        lines = [] if d is None else [f"{i} {_fmt(s)} {' '.join(map(_fmt, b))}\n"
+        lines = [] if d is None else [f"{i} {exact_float(s)} {' '.join(map(exact_float, b))}\n"
                                       for i, s, b in zip(d.ids, d.scores, np.asarray(d.boxes).tolist())]
         path = det_results_path(folder, split, cls)
         atomic_write_text(path, "".join(lines))
@@ -273,7 +290,7 @@ def write_cls_results(folder: Path | str, split: str, scores: Mapping[str, Class
             continue
         s = scores[cls]
         path = cls_results_path(folder, split, cls)
-        atomic_write_text(path, "".join(f"{i} {_fmt(v)}\n" for i, v in zip(s.ids, s.scores)))
+        atomic_write_text(path, "".join(f"{i} {exact_float(v)}\n" for i, v in zip(s.ids, s.scores)))
         paths.append(path)
     return paths
 

@@ -21,6 +21,7 @@ from ..errors import UserError
 BUILTIN: dict[str, str] = {
     "voc-cls": "imnet_ablate.tasks.voc_cls:VocClassification",
     "voc-det": "imnet_ablate.tasks.voc_det:VocDetection",
+    "voc-act": "imnet_ablate.tasks.voc_act:VocAction",
 }
 
 
