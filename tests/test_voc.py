@@ -175,5 +175,5 @@ def test_det_reader_names_file_and_line(tmp_path, bad_line):
 
 def test_cls_reader_names_file_and_line(tmp_path):
     (tmp_path / "comp2_cls_test_cow.txt").write_text("000001 0.9\n000002\n")
-    with pytest.raises(UserError, match=r"comp2_cls_test_cow\.txt:2: malformed line '000002'"):
+    with pytest.raises(UserError, match=r"comp2_cls_test_cow\.txt:2: malformed line \(1 field\(s\)\)"):
         voc.read_cls_results(tmp_path, "test")

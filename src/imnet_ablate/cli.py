@@ -69,8 +69,11 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """Hydra's composition errors span several lines; keep them on one."""
-    return " ".join(str(exc).split(" Config search path")[0].split())
+    """Hydra's composition errors span several lines and quote the override as typed; keep them on one line,
+    with control characters escaped (an override can hold a terminal escape sequence)."""
+    from .inputs import shown
+
+    return shown(" ".join(str(exc).split(" Config search path")[0].split()), 400)
 
 
 def precheck(config: str, overrides: list[str]) -> None:

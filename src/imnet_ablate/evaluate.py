@@ -29,7 +29,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
-from .store import atomic_write_json
+from .inputs import name_problem
+from .store import atomic_write_json, spec_hash
 from .voc import CLASSES, ClassDets, ClassScores, VocImage
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,16 @@ def _json_number(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
+def default_output(cfg: DictConfig, detections: Path, task: str) -> Path:
+    """``<paths.runs>/evaluate/<detections folder>-<hash of its path>/eval_<task>_<split>_<metric>.json``: under
+    the runs folder like every other output (a detections folder may be read-only, or someone else's), one folder
+    per detections folder, rescoring it replaces its file."""
+    where = detections.resolve()
+    name = where.name if where.name and not name_problem(where.name) else "detections"
+    return (Path(cfg.paths.runs) / "evaluate" / f"{name}-{spec_hash({'detections': str(where)})}"
+            / f"eval_{task}_{cfg.split}_{cfg.metric}.json")
+
+
 def run(cfg: DictConfig) -> Path:
     """``ablate evaluate``: score devkit results files, print per-class AP, write the JSON; returns its folder."""
     from . import voc
@@ -362,6 +373,6 @@ def run(cfg: DictConfig) -> Path:
     if "coco" in record:
         print("COCO " + " ".join(f"{k} {100 * v:.2f}" if v is not None else f"{k} n/a"
                                  for k, v in record["coco"].items()))
-    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else folder / f"eval_{split}_{metric}.json"
+    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else default_output(cfg, folder, task)
     atomic_write_json(output, record)
     return output.parent

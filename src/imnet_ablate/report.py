@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from .inputs import inside
 from .store import atomic_path, atomic_write_text
 
 
@@ -158,7 +159,7 @@ def plot(table: pd.DataFrame, exp: DictConfig, path: Path) -> None:
 def write(cfg: DictConfig, jobs: list) -> Path:
     """Write ``<paths.results>/<experiment>/``: table.md/csv, per_class_ap.md/csv, plot.png; print the table."""
     exp = cfg.experiment
-    out = Path(cfg.paths.results) / str(exp.name)
+    out = inside(cfg.paths.results, str(exp.name), "experiment.name")
     frame, missing = collect(jobs)
     table = summarize(frame, exp) if not frame.empty else pd.DataFrame()
     lines = [f"# {exp.get('title', exp.name)}", "",

@@ -25,6 +25,7 @@ import defusedxml
 import defusedxml.ElementTree as DET
 import numpy as np
 
+from . import inputs
 from .errors import UserError
 from .store import atomic_write_text
 
@@ -79,13 +80,16 @@ def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
 
 
 def split_ids(voc_root: Path | str, split: str, year: str = "2007") -> list[str]:
+    """The image ids of ``ImageSets/Main/<split>.txt``. The split name and every id become file names, so each
+    must be a plain name (``inputs.plain_name``): ``split=../..`` or an id ``../../x`` never reads outside the
+    VOC folder."""
+    inputs.plain_name(split, "split")
     path = year_dir(voc_root, year) / "ImageSets" / "Main" / f"{split}.txt"
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {split!r} split ({e.strerror}); expected a VOCdevkit folder "
-                        f"holding VOC{year}/ImageSets/Main/{split}.txt") from e
-    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    text = inputs.read_text(path, f"a VOCdevkit folder holding VOC{year}/ImageSets/Main/{split}.txt in UTF-8")
+    ids = [inputs.plain_name(line.split()[0], f"{path}:{n}: image id")
+           for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not ids:
+        raise UserError(f"{path}: no image ids; expected one id per line")
     seen: set[str] = set()
     dupes = sorted({i for i in ids if i in seen or seen.add(i)})
     if dupes:
@@ -173,6 +177,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 def load_split(voc_root: Path | str, split: str, year: str = "2007", *, check_images: bool = True
                ) -> list[VocImage]:
     """The annotated images of ``ImageSets/Main/<split>.txt`` in file order (cached per process)."""
+    inputs.plain_name(split, "split")
     folder = year_dir(voc_root, year)
     split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
     stamp = split_file.stat().st_mtime_ns if split_file.is_file() else 0
@@ -248,10 +253,7 @@ def write_cls_results(folder: Path | str, split: str, scores: Mapping[str, Class
 
 def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.ndarray]:
     """Image ids and the numeric columns of a whitespace-separated results file; errors name file and line."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e}); expected a text results file") from e
+    text = inputs.read_text(path, "a UTF-8 text results file")
     ids: list[str] = []
     values: list[list[float]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -265,11 +267,27 @@ def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.n
             if not all(math.isfinite(v) for v in nums):
                 raise ValueError
         except ValueError:
-            raise UserError(f"{path}:{lineno}: malformed line {line.strip()[:80]!r}; expected '{layout}' "
-                            "with finite numbers") from None
+            raise UserError(f"{path}:{lineno}: malformed line ({_malformed(fields, n_fields)}); expected "
+                            f"'{layout}' with finite numbers") from None
         ids.append(fields[0])
         values.append(nums)
     return ids, np.array(values, np.float64).reshape(-1, n_fields - 1)
+
+
+def _malformed(fields: list[str], n_fields: int) -> str:
+    """What is wrong with a results line, quoting only the offending token: an error never shows the rest of a
+    file that may not be a results file at all (a link to a private file, say)."""
+    if len(fields) != n_fields:
+        return f"{len(fields)} field(s)"
+    token = next(f for f in fields[1:] if not _is_finite(f))
+    return f"{inputs.quoted(token, 32)} is not a finite number"
+
+
+def _is_finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _read_results(folder: Path | str, split: str, classes: Iterable[str], path_of: Callable[..., Path],
@@ -278,7 +296,7 @@ def _read_results(folder: Path | str, split: str, classes: Iterable[str], path_o
     out = {}
     for cls in classes:
         path = path_of(folder, split, cls)
-        if path.is_file():
+        if inputs.is_present(path, "a regular results file"):  # a FIFO or a folder is refused, not "no detections"
             ids, values = _parse_rows(path, len(layout.split()), layout)
             out[cls] = build(np.array(ids, dtype=str), values)
     return out
