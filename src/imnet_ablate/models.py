@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import UserError
+from .store import load_torch, restoring
 
 # ImageNet channel statistics (RGB, on the 0..1 scale), as used by torchvision's reference recipe.
 MEAN = (0.485, 0.456, 0.406)
@@ -169,11 +171,14 @@ def load_pretrained(pretrain_dir: Path | str) -> tuple[AlexNetLike, dict[str, An
     """
     folder = Path(pretrain_dir)
     try:
-        cfg = OmegaConf.load(folder / "config.yaml")
+        model_cfg = OmegaConf.load(folder / "config.yaml").model
         manifest = json.loads((folder / "metrics.json").read_text())
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: not a finished pre-training folder ({e}); run `ablate pretrain` first") from e
-    model = build(cfg.model, int(manifest["num_classes"]))
-    model.load_state_dict(state)
+        num_classes = int(manifest["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
+        raise UserError(f"{folder}: not a finished pre-training folder ({type(e).__name__} in its config.yaml or "
+                        "metrics.json); run `ablate pretrain` first") from e
+    state = load_torch(folder / "model.pt", "a pre-trained model's weights", valid=lambda s: isinstance(s, dict))
+    model = build(model_cfg, num_classes)
+    with restoring(folder / "model.pt", "the weights of the model its config.yaml describes"):
+        model.load_state_dict(state)
     return model, manifest

@@ -46,6 +46,9 @@ OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_ev
 # submitit's time-limit warning (its own handler, called after our checkpoint, requeues the job).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_POLL = 10  # with several processes, agree on a stop every this many steps (each agreement syncs the GPU)
+CHECKPOINT_KEYS = ("stage_hash", "world", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "pos",
+                   "iteration", "history", "stats")
+RESTART = "delete it to start this run over"
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def make_stage(cfg: DictConfig, folder: Path) -> tuple[store.Stage, int]:
     """The pre-training's folder for a built subset folder, and the subset's number of classes."""
     try:
         num_classes = int(json.loads((folder / "manifest.json").read_text())["num_classes"])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{folder / 'manifest.json'}: cannot read num_classes ({e}); rebuild the subset") from e
     return _stage(cfg, *subset_key(folder)), num_classes
 
@@ -276,10 +279,7 @@ def load_checkpoint(stage: store.Stage, ctx: Context) -> dict[str, Any] | None:
     path = stage.path / "checkpoint.pt"
     if not path.is_file():
         return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: torch raises many types here
-        raise UserError(f"{path}: unreadable checkpoint ({e}); delete it to start this run over") from e
+    ckpt = store.load_torch(path, "a pre-training checkpoint", CHECKPOINT_KEYS, RESTART)
     if ckpt.get("stage_hash") != stage.hash:
         raise UserError(f"{path}: written for a different config (hash {ckpt.get('stage_hash')}, this run "
                         f"{stage.hash}); delete the folder or rerun with the config recorded in its config.yaml")
@@ -364,12 +364,14 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
     ckpt = load_checkpoint(stage, ctx)
     epoch, pos, it, history, stats = 0, 0, 0, [], {"loss_sum": 0.0, "images": 0, "bad": 0}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, pos, it, history, stats = ckpt["epoch"], ckpt["pos"], ckpt["iteration"], ckpt["history"], ckpt["stats"]
-        set_rng_state(ckpt["rng"][ctx.rank], dev)
+        with store.restoring(out / "checkpoint.pt", "a pre-training checkpoint", RESTART):
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            epoch, pos, it, history, stats = (ckpt["epoch"], ckpt["pos"], ckpt["iteration"], ckpt["history"],
+                                              ckpt["stats"])
+            set_rng_state(ckpt["rng"][ctx.rank], dev)
         log.info("resuming %s at epoch %d, step %d of the epoch (iteration %d)", out, epoch, pos, it)
     else:
         torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks

@@ -14,7 +14,6 @@ Training is iteration-based; batches and augmentation depend only on ``(seed, it
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -38,7 +37,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from . import datasets, evaluate, models, voc
+from . import datasets, evaluate, models, store, voc
 from .errors import UserError
 from .loaders import decode
 from .store import Stage, atomic_torch_save, atomic_write_json, atomic_write_text
@@ -78,11 +77,8 @@ def source_of(cfg: DictConfig) -> Source:
         stage, _ = pretrain.make_stage(pre, pretrain.subset_folder(pre))
         return Source(stage.hash, stage.path.name, stage.path)
     folder = Path(choice).expanduser().resolve()
-    try:
-        key = str(json.loads((folder / "DONE").read_text())["hash"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"pretrain={choice}: not a finished pre-training folder (no valid DONE); expected a run_dir "
-                        "printed by `ablate pretrain`, or subset / scratch / torchvision") from e
+    key = str(store.finished(folder, f"pretrain={choice}", "pre-training folder", "a run_dir printed by `ablate "
+                             "pretrain`, or subset / scratch / torchvision").get("hash"))
     return Source(key, folder.name, folder)
 
 
@@ -106,10 +102,11 @@ def torchvision_alexnet() -> models.AlexNetLike:
     if not path.is_file():
         raise UserError(f"pretrain=torchvision: {path} not found; download it where there is network access "
                         "(torchvision.models.alexnet(weights='IMAGENET1K_V1')) and copy it there")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = store.load_torch(path, "torchvision's AlexNet weights", valid=lambda s: isinstance(s, dict))
     rename = {"features": "trunk", "classifier.1": "fc6.1", "classifier.4": "fc7.1", "classifier.6": "head"}
     model = models.build(TORCHVISION_MODEL, 1000)
-    model.load_state_dict({_renamed(k, rename): v for k, v in state.items()})
+    with store.restoring(path, "torchvision's AlexNet weights"):
+        model.load_state_dict({_renamed(k, rename): v for k, v in state.items()})
     return model
 
 
@@ -175,13 +172,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     """Restore a run interrupted mid-training; returns the iteration to continue from (0 if none)."""
     if not path.is_file():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    what, advice = "a transfer checkpoint", "delete it to start this transfer over"
+    state = store.load_torch(path, what, ("model", "optimizer", "scheduler", "rng", "cuda_rng", "iteration"), advice)
+    with store.restoring(path, what, advice):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     log.info("resuming from %s at iteration %d", path, state["iteration"])
     return int(state["iteration"])
 
@@ -237,7 +236,9 @@ def linear_probe(stage: Stage, model: models.AlexNetLike, x_train: torch.Tensor,
     for split, x in (("trainval", x_train), ("test", x_test)):
         path = stage.path / f"features_{split}.pt"
         if path.is_file():
-            feats[split] = torch.load(path, weights_only=True)
+            feats[split] = store.load_torch(path, f"{len(x)} cached feature vectors", advice="delete it to recompute",
+                                            valid=lambda t, n=len(x): isinstance(t, torch.Tensor) and t.ndim == 2
+                                            and len(t) == n and t.is_floating_point())
         else:
             feats[split] = extract_features(model, x, task.feature, device)
             atomic_torch_save(path, feats[split])
