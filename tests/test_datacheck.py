@@ -163,7 +163,7 @@ def test_clean_tree_exits_0_and_prints_run_dir(clean_imagenet: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("override, key", [("check.workers=0", "check.workers=0"),
-                                           ("check.what=all", "check.what=all"),
+                                           ("check.what=all", "check.what='all'"),
                                            ("check.min_side=-3", "check.min_side=-3")])
 def test_bad_check_settings_exit_2(clean_imagenet: Path, tmp_path: Path, override: str, key: str) -> None:
     proc = run_ablate("data", "check", "data=imagenet", f"data.root={clean_imagenet}", override,

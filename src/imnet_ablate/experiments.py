@@ -66,15 +66,19 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     from .cli import conf_dir
+    from .validate import check
 
     try:
         if GlobalHydra.instance().is_initialized():
-            return hydra_compose(config_name=config_name, overrides=overrides)
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+                cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except Exception as e:  # composition errors name the override; keep them on one line
         raise UserError(f"experiment stage `ablate {config_name} {' '.join(overrides)}`: "
                         f"{' '.join(str(e).split(' Config search path')[0].split())}") from e
+    check(cfg)  # an experiment's own overrides (presets, scaled settings) are checked before any stage runs
+    return cfg
 
 
 def set_overrides(entry: DictConfig, data_name: str) -> list[str]:
