@@ -181,8 +181,9 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-    log.info("resuming from %s at iteration %d", path, state["iteration"])
-    return int(state["iteration"])
+        iteration = int(state["iteration"])
+    log.info("resuming from %s at iteration %d", path, iteration)
+    return iteration
 
 
 def sgd(groups: list[dict[str, Any]], opt_cfg: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
