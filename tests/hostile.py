@@ -105,7 +105,7 @@ def escaping_names(rng: random.Random, n: int) -> list[str]:
     """Values for keys that name one file or folder (split, experiment and subset names): paths, dots, and
     names with control characters."""
     fixed = ["..", ".", "../..", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "x\n", "\x1b[2J"]
-    return fixed + [p for p in escaping_paths(rng, n)]
+    return fixed + escaping_paths(rng, n)
 
 
 # -- torch files ------------------------------------------------------------------------------------------------
