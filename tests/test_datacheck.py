@@ -163,7 +163,7 @@ def test_clean_tree_exits_0_and_prints_run_dir(clean_imagenet: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("override, key", [("check.workers=0", "check.workers=0"),
-                                           ("check.what=all", "check.what=all"),
+                                           ("check.what=all", "check.what='all'"),
                                            ("check.min_side=-3", "check.min_side=-3")])
 def test_bad_check_settings_exit_2(clean_imagenet: Path, tmp_path: Path, override: str, key: str) -> None:
     proc = run_ablate("data", "check", "data=imagenet", f"data.root={clean_imagenet}", override,
@@ -269,3 +269,83 @@ def test_data_root_is_never_written(clean_imagenet: Path, tmp_path: Path) -> Non
     assert sorted((p, p.stat().st_mtime_ns) for p in clean_imagenet.rglob("*")) == before
     assert not any(p.name.startswith(".") for p in clean_imagenet.rglob("*"))
     assert os.access(clean_imagenet, os.W_OK)  # the tree was writable: not writing was a choice
+
+
+# -- what the readers refuse, found first (issue 16) -----------------------------------------------------------------
+def test_names_links_and_entries_named_like_images(clean_imagenet: Path, tmp_path: Path) -> None:
+    """Every file the listing skips is a bad-name error; a folder or a broken link named like an image is an
+    unreadable image (the listing takes it by name); a class folder linked from outside the root is followed and
+    reported."""
+    import random
+
+    from hostile import SEED, bad_names, make_file
+
+    names = bad_names(random.Random(SEED), 6)
+    for name in names:
+        make_file(clean_imagenet / "train" / GOOD, name, jpeg_bytes())
+    (clean_imagenet / "train" / GOOD / "folder.JPEG").mkdir()
+    (clean_imagenet / "train" / GOOD / "dangling.JPEG").symlink_to("gone.JPEG")  # inside the root, broken
+    elsewhere = tmp_path / "elsewhere" / "n01484850"
+    write(elsewhere / "x.JPEG", jpeg_bytes())
+    (clean_imagenet / "train" / "n01484850").symlink_to(elsewhere)
+    scan = datacheck.scan_imagenet(clean_imagenet, "val", flat_val=False)
+    findings, _ = datacheck.check_imagenet(scan, check_cfg())
+    found = problems_by_path(findings)
+    bad = {p for p, codes in found.items() if codes == {"bad-name"}}
+    assert len(bad) == len(names) and all(p.isprintable() and "\\" in p for p in bad)  # escaped, one line each
+    assert found[f"train/{GOOD}/folder.JPEG"] == {"unreadable"} == found[f"train/{GOOD}/dangling.JPEG"]
+    assert found["train/n01484850"] == {"symlink-outside"} and "train/n01484850/x.JPEG" in scan.images
+    rep = datacheck.report(findings, {})
+    json.dumps(rep).encode("utf-8")  # the report is writable as it is (no undecodable name left in it)
+    listed = imagenet.list_imagenet(clean_imagenet, tmp_path / "cache")
+    assert {f"train/{GOOD}/{n}" for n in listed.train[GOOD].names} == {
+        p for p in scan.images if p.startswith(f"train/{GOOD}/")}  # the check decodes what the listing lists
+
+
+def test_listing_and_label_files_are_read_as_the_listing_reads_them(clean_imagenet: Path, tmp_path: Path) -> None:
+    listing = write(tmp_path / "listing.txt", f"train/{GOOD}/good.JPEG\ntrain/{OTHER}/missing.JPEG\n".encode())
+    scan = datacheck.scan_imagenet(clean_imagenet, "val", False, train_listing=listing)
+    assert sorted(scan.images) == [f"train/{GOOD}/good.JPEG", f"train/{OTHER}/missing.JPEG"]  # not train/'s scan
+    findings, _ = datacheck.check_imagenet(scan, check_cfg())
+    assert problems_by_path(findings) == {f"train/{OTHER}/missing.JPEG": {"unreadable"}}
+    for text in (b"/etc/passwd\tn01440764\n", b"../x.JPEG\tn01440764\n", b"train/\xff.JPEG\n"):
+        listing.write_bytes(text)
+        scan = datacheck.scan_imagenet(clean_imagenet, "val", False, train_listing=listing)
+        (finding,) = scan.findings
+        assert finding.problem == "listing" and f"{listing}:1" in finding.detail
+    flat = clean_imagenet / "val"
+    write(flat / "v1.JPEG", jpeg_bytes())
+    scan = datacheck.scan_imagenet(clean_imagenet, "val", flat_val=False)
+    assert [f.problem for f in scan.findings if f.path == "val"] == ["listing"]  # images, no class folders
+    labels = write(tmp_path / "labels.csv", f"v1.JPEG,{GOOD}\nv2.JPEG,{GOOD}\n".encode())
+    scan = datacheck.scan_imagenet(clean_imagenet, "val", True, val_labels=labels)
+    assert [f.problem for f in scan.findings] == ["listing"] and "1 labelled files are not in" in scan.findings[0].detail
+
+
+def test_voc_split_files_the_reader_refuses(voc_tree: Path) -> None:
+    main = voc_tree / "VOC2007/ImageSets/Main"
+    (main / "test.txt").write_text("\n\n")
+    (main / "trainval.txt").unlink()
+    os.mkfifo(main / "trainval.txt")
+    write(main / "train.txt", b"000001\n../../../etc/passwd\n")
+    write(main / "val.txt", b"000001\n\xff\n")
+    scan = datacheck.scan_voc(voc_tree)
+    details = {f.path.split("/")[-1]: f.detail for f in scan.findings if f.problem == "split"}
+    assert set(details) == {"test.txt", "trainval.txt", "train.txt", "val.txt"}
+    assert "no image ids" in details["test.txt"] and "is a FIFO" in details["trainval.txt"]
+    assert "is a path" in details["train.txt"] and "is not UTF-8" in details["val.txt"]
+
+
+def test_the_pixel_limit_is_the_loaders(tmp_path: Path) -> None:
+    from hostile import bomb_jpeg
+
+    from imnet_ablate import inputs
+
+    bomb = write(tmp_path / "bomb.JPEG", bomb_jpeg())
+    assert datacheck.inspect_image(bomb, 32)[0][0][0] == "too-large"
+    small = write(tmp_path / "small.JPEG", jpeg_bytes((64, 48)))
+    assert datacheck.inspect_image(small, 32, max_pixels=64 * 48)[0] == []
+    problems, _ = datacheck.inspect_image(small, 32, max_pixels=64 * 48 - 1)
+    assert problems[0][0] == "too-large" and "data.max_pixels=3071" in problems[0][1]
+    assert datacheck.PROBLEMS["bad-size"][0] == "warning"  # the readers never use <size>: not an error
+    assert inputs.DEFAULT_MAX_PIXELS == datacheck.Check("imagenet", 1, 5, 32).max_pixels

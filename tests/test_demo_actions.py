@@ -152,9 +152,9 @@ def test_evaluate_finds_the_demo_devkit(devkit: Path, demo_cache: Path, tmp_path
     persons = va.listed_persons(va.load_split(devkit, "val"))
     truth = {a: np.array([float(p.does(a)) for p in persons]) for a in va.SCORED}
     va.write_results(tmp_path, "val", persons, truth)
-    overrides = ["task=voc-act", f"detections={tmp_path}", f"paths.cache={demo_cache}"]
+    overrides = ["task=voc-act", f"detections={tmp_path}", f"paths.cache={demo_cache}", f"paths.runs={tmp_path}/runs"]
     overrides += [f"data.demo.{k}={v}" for k, v in TINY_DEMO.items()]
     overrides += [f"data.demo.voc2012.{k}={v}" for k, v in TINY_VOC2012.items()]
-    assert rescore.run(compose("evaluate", overrides)) == tmp_path
-    record = json.loads((tmp_path / "eval_val_area.json").read_text())
+    out = rescore.run(compose("evaluate", overrides))
+    record = json.loads((out / "eval_voc-act_val_area.json").read_text())
     assert record["n_persons"] == len(persons) and record["map"] == 1.0

@@ -140,10 +140,11 @@ def test_action_record_from_files(scored_tree):
 def test_cli_evaluate_voc_act(scored_tree, tmp_path):
     root, folder, _, _ = scored_tree
     proc = run_ablate("evaluate", "task=voc-act", f"detections={folder}", f"data.voc2012_root={root}", "split=train",
-                      "data=imagenet", timeout=120)
+                      "data=imagenet", f"paths.runs={tmp_path / 'runs'}", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert run_dir_of(proc) == folder
-    out = json.loads((folder / "eval_train_area.json").read_text())  # the task's metric: the devkit's area AP
+    out_dir = run_dir_of(proc)
+    assert out_dir.parent == tmp_path / "runs" / "evaluate"  # under paths.runs, never in the detections folder
+    out = json.loads((out_dir / "eval_voc-act_train_area.json").read_text())  # the task's metric: the area AP
     assert out == json.loads(json.dumps(action_record(root, folder, "train")))
     assert "playinginstrument" in proc.stdout and "4 persons" in proc.stdout
     bad = run_ablate("evaluate", "task=voc-act", f"detections={folder}", "data=imagenet", timeout=120)

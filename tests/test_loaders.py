@@ -132,3 +132,26 @@ def test_batches_do_not_depend_on_worker_count(tmp_path, picture: np.ndarray, da
 
     zero, one = batches(0), batches(1)
     assert len(zero) == 2 and all(torch.equal(a, b) for a, b in zip(zero, one))
+
+
+def test_files_dataset_drops_images_over_the_limit_and_subset_rows_stay_in_the_root(tmp_path, picture) -> None:
+    from hostile import bomb_jpeg
+
+    from imnet_ablate.errors import UserError
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "ok.JPEG").write_bytes(jpeg(picture))
+    (tmp_path / "train" / "bomb.JPEG").write_bytes(bomb_jpeg())
+    (tmp_path / "train.tsv").write_text("path\tlabel\twnid\ntrain/ok.JPEG\t0\tn1\ntrain/bomb.JPEG\t1\tn2\n")
+    (tmp_path / "val.tsv").write_text("path\tlabel\twnid\ntrain/ok.JPEG\t0\tn1\n")
+    (tmp_path / "manifest.json").write_text(f'{{"data_root": "{tmp_path}"}}')
+    model, train = OmegaConf.create({"input_size": 24, "resize": 32}), OmegaConf.create({"augment": "crop"})
+    loader = OmegaConf.create({"name": "files", "max_pixels": 30 * 40})
+    ds, _ = loaders.files_datasets(tmp_path, model, train, loader)
+    assert ds[(0, 1)][0].shape == (3, 24, 24) and ds[(1, 1)][0] is None  # the bomb: None, never decoded
+    loader.max_pixels = 30 * 40 - 1  # the configured limit is the one applied
+    ds, _ = loaders.files_datasets(tmp_path, model, train, loader)
+    assert ds[(0, 1)][0] is None
+    (tmp_path / "train.tsv").write_text("path\tlabel\twnid\ntrain/ok.JPEG\t0\tn1\n../../etc/passwd\t0\tn1\n")
+    with pytest.raises(UserError, match=r"train\.tsv:3: path '\.\./\.\./etc/passwd' has a '\.\.' component"):
+        loaders.read_split(tmp_path, "train")

@@ -56,8 +56,10 @@ def test_done_marker_checks_sizes_and_checksums(tmp_path):
     assert not stage.is_done()
     stage.finish(["a.txt"])
     assert stage.is_done() and stage.verify() == []
-    (stage.path / "a.txt").write_text("HELLO")  # same size, other bytes
-    assert stage.is_done() and stage.verify() == ["a.txt"]
+    (stage.path / "a.txt").write_text("HELLO")  # same size, other bytes: reusing it is an error naming the file
+    assert stage.verify() == ["a.txt"]
+    with pytest.raises(UserError, match=f"{stage.path / 'a.txt'}: changed since its stage finished.*delete "):
+        stage.is_done()
     (stage.path / "a.txt").write_text("hello!")  # truncated/extended outputs are never trusted
     assert not stage.is_done()
 

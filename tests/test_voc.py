@@ -175,7 +175,7 @@ def test_det_reader_names_file_and_line(tmp_path, bad_line):
 
 def test_cls_reader_names_file_and_line(tmp_path):
     (tmp_path / "comp2_cls_test_cow.txt").write_text("000001 0.9\n000002\n")
-    with pytest.raises(UserError, match=r"comp2_cls_test_cow\.txt:2: malformed line '000002'"):
+    with pytest.raises(UserError, match=r"comp2_cls_test_cow\.txt:2: malformed line \(1 field\(s\)\)"):
         voc.read_cls_results(tmp_path, "test")
 
 
@@ -203,5 +203,5 @@ def test_a_root_one_level_too_deep_is_named_as_given_with_the_folder_that_works(
         voc.load_split("VOCdevkit/VOC2007/ImageSets", "test")
     assert str(e.value).startswith("VOCdevkit/VOC2007/ImageSets: neither VOC2007/ nor ImageSets/")
     assert str(e.value).endswith("did you mean VOCdevkit/VOC2007?") and "VOC2007/VOC2007" not in str(e.value)
-    with pytest.raises(UserError, match=r"^VOCdevkit/VOC2007/ImageSets/Main/val\.txt: cannot read the 'val' split"):
+    with pytest.raises(UserError, match=r"^VOCdevkit/VOC2007/ImageSets/Main/val\.txt: cannot read"):
         voc.load_split("VOCdevkit", "val")  # relative, as typed: not resolved to an absolute path

@@ -133,8 +133,8 @@ def test_lists_must_follow_the_split_order(tree):
 
 @pytest.mark.parametrize("breakage, words", [
     (lambda root: va.list_path(root, "running", "train").unlink(), "running_train.txt: missing"),
-    (lambda root: va.split_path(root, "train").write_text(""), "lists no image"),
-    (lambda root: va.split_path(root, "train").unlink(), "cannot read the 'train' split"),
+    (lambda root: va.split_path(root, "train").write_text(""), "no image ids"),
+    (lambda root: va.split_path(root, "train").unlink(), "Action/train.txt: cannot read"),
     (lambda root: (va.year_dir(root) / "JPEGImages" / "2012_000002.jpg").unlink(), "2012_000002.jpg: missing"),
     (lambda root: (va.year_dir(root) / "Annotations" / "2012_000002.xml").write_text("<annotation>"), "malformed XML"),
     (lambda root: (va.year_dir(root) / "Annotations" / "2012_000002.xml").write_text(

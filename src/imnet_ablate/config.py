@@ -24,9 +24,12 @@ def conf_dir() -> Path:
 
 
 def one_line(exc: BaseException) -> str:
-    """Hydra's composition errors span several lines, end in its config search path and may advise ``+key``."""
+    """Hydra's composition errors span several lines, end in its config search path, may advise ``+key`` and
+    quote the override as typed: one line, control characters escaped (an override can hold a terminal escape)."""
+    from .inputs import shown
+
     text = " ".join(str(exc).split())
-    return text.split(" Config search path")[0].split(" To append to your config use")[0]
+    return shown(text.split(" Config search path")[0].split(" To append to your config use")[0], 400)
 
 
 def compose(config_name: str, overrides: list[str], hydra: bool = False) -> DictConfig:

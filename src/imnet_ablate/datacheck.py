@@ -27,10 +27,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, imagenet, store, voc_actions
+from . import datasets, imagenet, inputs, store, voc_actions
 from .errors import UserError
 
 WHAT = ("imagenet", "voc", "both", "voc2012")
+RULES = 2  # bump when a check changes: reports of unchanged trees made by older rules are not reused
 CHUNK = 256  # files per worker task: big enough to amortise the pickling, small enough to balance two cores
 
 # problem code -> (severity, what happens to such a file)
@@ -40,12 +41,14 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "not-an-image": ("error", "not an image; the loaders drop it"),
     "truncated": ("error", "truncated image data; the loaders drop it"),
     "undecodable": ("error", "image data cannot be decoded; the loaders drop it"),
-    "too-large": ("error", "over PIL's decompression-bomb limit; the loaders drop it"),
+    "too-large": ("error", "over data.max_pixels (from its header, never decoded); the loaders drop it"),
+    "bad-name": ("error", "name with control characters or bytes that are not UTF-8; every reader skips it"),
     "missing-folder": ("error", "a folder the readers need is missing"),
     "not-a-wnid": ("error", "folder name is not a wnid; the listing refuses the tree"),
+    "listing": ("error", "data.train_listing / data.val_labels / val folder refused by the listing"),
     "annotation": ("error", "malformed, refused (DTD/entities) or schema-violating XML; the VOC reader refuses it"),
-    "bad-size": ("error", "annotation <size> is not positive; boxes cannot be checked or scaled"),
-    "split": ("error", "split file missing or listing an id twice; the VOC reader refuses it"),
+    "split": ("error", "split file missing, empty, not UTF-8, or with an id twice or not a plain name; the VOC "
+                       "reader refuses it"),
     "missing-annotation": ("error", "listed in a split without Annotations/<id>.xml; the VOC reader refuses it"),
     "missing-jpeg": ("error", "listed in a split without JPEGImages/<id>.jpg; training refuses it"),
     "cmyk": ("warning", "CMYK; the loaders convert it to RGB"),
@@ -54,6 +57,8 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "tiny": ("warning", "smaller than check.min_side; usable, upscaled by the loaders"),
     "stray-file": ("warning", "not an image or outside a class folder; ignored by the listing"),
     "unknown-class": ("warning", "wnid is not one of the 1000 ILSVRC-2012 classes; ignored by the subset builder"),
+    "symlink-outside": ("warning", "symbolic link to outside the root; followed (a link the data's owner made)"),
+    "bad-size": ("warning", "annotation <size> is not positive; unused by the readers (boxes kept as written)"),
     "box-outside": ("warning", "box extends outside the image; kept as written (the devkit scores it so)"),
     "box-empty": ("warning", "box has zero width or height; kept as written"),
     "no-objects": ("warning", "annotation without objects; contributes only negatives"),
@@ -87,6 +92,7 @@ class Check:
     workers: int
     max_show: int
     min_side: int
+    max_pixels: int = inputs.DEFAULT_MAX_PIXELS  # data.max_pixels: the loaders' limit
 
 
 @dataclass
@@ -122,28 +128,31 @@ def read_check(cfg: DictConfig) -> Check:
         v = c[key]
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             raise UserError(f"check.{key}={v}: expected a whole number >= 1")
-    return Check(str(c.what), int(workers), int(c.max_show), int(c.min_side))
+    return Check(str(c.what), int(workers), int(c.max_show), int(c.min_side),
+                 int(cfg.data.get("max_pixels") or inputs.DEFAULT_MAX_PIXELS))
 
 
 # -- one image (runs in the workers) ------------------------------------------------------------------------------
-def inspect_image(path: Path, min_side: int) -> tuple[list[tuple[str, str]], str | None]:
+def inspect_image(path: Path, min_side: int, max_pixels: int = inputs.DEFAULT_MAX_PIXELS
+                  ) -> tuple[list[tuple[str, str]], str | None]:
     """(problems as (code, detail), PIL mode) of one image file, decoding all of its data.
 
     JPEGs are decoded at 1/8 scale (``draft``): every byte is still entropy-decoded, so truncation is caught, at
-    a fraction of the cost of a full decode.
+    a fraction of the cost of a full decode. An image over ``max_pixels`` is refused from its header, as the
+    loaders refuse it.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
         if path.stat().st_size == 0:
             return [("empty", "0 bytes")], None
-        with Image.open(path) as im:
+        with inputs.open_image(path, max_pixels) as im:
             fmt, mode, (w, h) = im.format, im.mode, im.size
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
     except UnidentifiedImageError:
         return [("not-an-image", "PIL cannot identify the content")], None
-    except Image.DecompressionBombError as e:
+    except inputs.TooLarge as e:
         return [("too-large", str(e))], None
     except OSError as e:
         if "truncated" in str(e).lower():
@@ -166,11 +175,12 @@ def inspect_image(path: Path, min_side: int) -> tuple[list[tuple[str, str]], str
     return problems, mode
 
 
-def _check_images_chunk(args: tuple[str, str, list[str], int]) -> list[tuple[list[Finding], str | None, str]]:
-    dataset, root, rels, min_side = args
+def _check_images_chunk(args: tuple[str, str, list[str], int, int]
+                        ) -> list[tuple[list[Finding], str | None, str]]:
+    dataset, root, rels, min_side, max_pixels = args
     out = []
     for rel in rels:
-        problems, mode = inspect_image(Path(root) / rel, min_side)
+        problems, mode = inspect_image(Path(root) / rel, min_side, max_pixels)
         out.append(([Finding(dataset, rel, code, detail) for code, detail in problems], mode, rel))
     return out
 
@@ -223,12 +233,12 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         raise UserError(f"{folder}: cannot read ({e.strerror}); expected a readable folder") from e
 
 
-def _stat_line(entry: os.DirEntry, rel: str) -> str:
+def _stat_line(entry: os.DirEntry | Path, rel: str) -> str:
     try:
         st = entry.stat()
-        return f"{rel} {st.st_size} {st.st_mtime_ns}"
+        return f"{inputs.shown(rel, 1000)} {st.st_size} {st.st_mtime_ns}"
     except OSError:
-        return f"{rel} ? ?"
+        return f"{inputs.shown(rel, 1000)} ? ?"
 
 
 def _is_image_name(name: str) -> bool:
@@ -237,58 +247,121 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _usable_name(scan: Scan, dataset: str, entry: os.DirEntry, rel: str) -> bool:
+    """False, with a ``bad-name`` finding, for a file every reader skips (``inputs.name_problem``); a link that
+    leaves the root is reported (``symlink-outside``) and followed, as the readers follow it."""
+    problem = inputs.name_problem(entry.name)
+    if problem:
+        scan.findings.append(Finding(dataset, inputs.shown(rel, 1000), "bad-name", f"name {problem}"))
+        return False
+    if entry.is_symlink() and inputs.leaves_root(entry.path, scan.root):
+        target = inputs.shown(os.path.realpath(entry.path), 200)
+        scan.findings.append(Finding(dataset, rel, "symlink-outside", f"-> {target}"))
+    return True
+
+
 def scan_class_folder(scan: Scan, folder: Path, rel: str) -> None:
-    """Images of ``<split>/<wnid>/``; anything else in it is stray."""
+    """Images of ``<split>/<wnid>/``, taken by their names as the listing takes them (a folder or a broken link
+    named like an image is then an unreadable image); anything else in it is stray."""
     for e in _entries(folder):
         child = f"{rel}/{e.name}"
         scan.stats.append(_stat_line(e, child))
-        if e.is_file() and _is_image_name(e.name):
+        if not _usable_name(scan, "imagenet", e, child):
+            continue
+        if _is_image_name(e.name):
             scan.images.append(child)
         else:
             scan.findings.append(Finding("imagenet", child, "stray-file", "folder" if e.is_dir() else "not an image"))
 
 
-def scan_split(scan: Scan, root: Path, sub: str, classes: frozenset[str], flat: bool) -> None:
-    """``train/`` or the val folder: ``<wnid>/`` class folders, or (``flat``) images with a label file."""
+def scan_split(scan: Scan, root: Path, sub: str, classes: frozenset[str], flat: bool) -> int:
+    """``train/`` or the val folder: ``<wnid>/`` class folders, or (``flat``) images with a label file. Returns
+    the number of folders found (the listing refuses a split without any)."""
     from .wordnet import WNID
 
+    folders = 0
     for e in _entries(root / sub):
         rel = f"{sub}/{e.name}"
         if e.is_dir():
-            if not WNID.fullmatch(e.name):
-                scan.findings.append(Finding("imagenet", rel, "not-a-wnid", "expected <split>/<wnid>/ folders"))
+            folders += 1
+            if not WNID.fullmatch(e.name):  # names with control characters included: the listing refuses them
+                scan.findings.append(Finding("imagenet", inputs.shown(rel, 1000), "not-a-wnid",
+                                             "expected <split>/<wnid>/ folders"))
             elif e.name not in classes:
                 scan.findings.append(Finding("imagenet", rel, "unknown-class"))
-            else:
+            elif _usable_name(scan, "imagenet", e, rel):
                 scan_class_folder(scan, Path(e.path), rel)
             continue
         scan.stats.append(_stat_line(e, rel))
         if flat and _is_image_name(e.name):
-            scan.images.append(rel)
+            if _usable_name(scan, "imagenet", e, rel):
+                scan.images.append(rel)
         else:
-            scan.findings.append(Finding("imagenet", rel, "stray-file", "outside a class folder"))
+            scan.findings.append(Finding("imagenet", inputs.shown(rel, 1000), "stray-file", "outside a class folder"))
+    return folders
 
 
-def scan_imagenet(root: Path, val_dir: str, flat_val: bool) -> Scan:
+def scan_listing(scan: Scan, listing: Path, classes: frozenset[str]) -> None:
+    """``data.train_listing``: the images it names are what a run trains on, so they are the ones checked; a
+    listing the reader refuses is a ``listing`` error."""
+    scan.stats.append(_stat_line(listing, str(listing)))
+    try:
+        files = imagenet.read_train_listing(listing)
+    except UserError as e:
+        scan.findings.append(Finding("imagenet", inputs.shown(listing, 1000), "listing", str(e)))
+        return
+    for wnid, f in files.items():
+        if wnid not in classes:
+            scan.findings.append(Finding("imagenet", inputs.shown(listing, 1000), "unknown-class", wnid))
+        for rel in f.paths():
+            scan.stats.append(_stat_line(scan.root / rel, rel))
+            scan.images.append(rel)
+
+
+def check_val_labels(scan: Scan, val: Path, labels: Path) -> None:
+    """``data.val_labels`` read as the listing reads it (every labelled file must be in the val folder)."""
+    scan.stats.append(_stat_line(labels, str(labels)))
+    try:
+        imagenet.read_flat_val(scan.root, val, labels)
+    except UserError as e:
+        scan.findings.append(Finding("imagenet", inputs.shown(labels, 1000), "listing", str(e)))
+
+
+def scan_imagenet(root: Path, val_dir: str, flat_val: bool, train_listing: Path | None = None,
+                  val_labels: Path | None = None) -> Scan:
+    """The train images (of ``train/<wnid>/`` or of ``train_listing``) and the val images (of ``<val_dir>/<wnid>/``
+    or, with ``val_labels``, of the flat ``val_dir``), with everything the listing would refuse as findings."""
     from .wordnet import load
 
     scan, classes = Scan(root), frozenset(load().classes)
-    if not (root / "train").is_dir():
+    if train_listing is not None:
+        scan_listing(scan, train_listing, classes)
+    elif not (root / "train").is_dir():
         scan.findings.append(Finding("imagenet", "train", "missing-folder", "expected train/<wnid>/*.JPEG"))
-    else:
-        scan_split(scan, root, "train", classes, flat=False)
-    if (root / val_dir).is_dir():
-        scan_split(scan, root, val_dir.strip("/"), classes, flat=flat_val)
+    elif not scan_split(scan, root, "train", classes, flat=False):
+        scan.findings.append(Finding("imagenet", "train", "missing-folder", "no class folders; expected "
+                                     "train/<wnid>/*.JPEG"))
+    sub = val_dir.strip("/")
+    if (root / sub).is_dir():
+        folders = scan_split(scan, root, sub, classes, flat=flat_val)
+        if val_labels is not None:
+            check_val_labels(scan, root / sub, val_labels)
+        elif not folders and imagenet.image_names(root / sub):
+            scan.findings.append(Finding("imagenet", sub, "listing", "images but no <wnid>/ folders; expected "
+                                         "class folders, or data.val_labels for a flat val folder"))
     return scan
 
 
 def _voc_ids(folder: Path, sub: str, suffix: str, scan: Scan, prefix: str) -> dict[str, str]:
-    """``{id: rel path}`` of ``<sub>/*<suffix>``; other files there are stray."""
+    """``{id: rel path}`` of ``<sub>/*<suffix>``, taken by name as the readers open them (a folder named so is
+    then unreadable); other files there are stray."""
     out = {}
     for e in _entries(folder / sub):
         rel = f"{prefix}{sub}/{e.name}"
         scan.stats.append(_stat_line(e, rel))
-        if e.is_file() and e.name.endswith(suffix):
+        if not _usable_name(scan, "voc", e, rel):
+            continue
+        if e.name.endswith(suffix):
             out[e.name[: -len(suffix)]] = rel
         else:
             scan.findings.append(Finding("voc", rel, "stray-file", f"expected *{suffix}"))
@@ -302,13 +375,12 @@ def _voc_splits(folder: Path, prefix: str, scan: Scan) -> dict[str, list[str]]:
     for split, required in VOC_SPLITS.items():
         path = folder / "ImageSets" / "Main" / f"{split}.txt"
         rel = f"{prefix}ImageSets/Main/{split}.txt"
-        if not path.is_file():
-            if required:
-                scan.findings.append(Finding("voc", rel, "split", "missing; `ablate transfer` needs it"))
-            continue
-        scan.stats.append(f"{rel} {path.stat().st_size} {path.stat().st_mtime_ns}")
+        scan.stats.append(_stat_line(path, rel))
         try:
-            splits[split] = voc.split_ids(folder, split)
+            if inputs.is_present(path, "a split file"):
+                splits[split] = voc.split_ids(folder, split)
+            elif required:
+                scan.findings.append(Finding("voc", rel, "split", "missing; `ablate transfer` needs it"))
         except UserError as e:
             scan.findings.append(Finding("voc", rel, "split", str(e).split(": ", 1)[-1]))
     return splits
@@ -318,7 +390,7 @@ def _voc_splits(folder: Path, prefix: str, scan: Scan) -> dict[str, list[str]]:
 def check_images(dataset: str, root: Path, rels: list[str], check: Check) -> tuple[list[Finding], Counter]:
     """Decode every image in parallel; (findings, count of PIL modes)."""
     findings, modes = [], Counter()
-    tasks = [(dataset, str(root), chunk, check.min_side) for chunk in _chunks(rels)]
+    tasks = [(dataset, str(root), chunk, check.min_side, check.max_pixels) for chunk in _chunks(rels)]
     for results in _pool_map(_check_images_chunk, tasks, check.workers):
         for found, mode, _ in results:
             findings += found
@@ -531,16 +603,24 @@ def check_all(scans: dict[str, Scan], check: Check) -> dict[str, Any]:
     return report(findings, summaries)
 
 
+def _given_file(value: object) -> Path | None:
+    """A listing or label file named in the config, resolved as ``imagenet.list_imagenet`` resolves it."""
+    return Path(str(value)).expanduser().resolve() if value else None
+
+
 def run(cfg: DictConfig) -> Path:
     """``ablate data check``: check, print the summary, write the report; exit 1 (after writing) on errors."""
     check = read_check(cfg)
     scans: dict[str, Scan] = {}
-    spec: dict[str, Any] = {"what": check.what, "min_side": check.min_side}
+    spec: dict[str, Any] = {"what": check.what, "min_side": check.min_side, "max_pixels": check.max_pixels,
+                            "rules": RULES}
     if check.what in ("imagenet", "both"):
         root = datasets.root(cfg, "imagenet").resolve()
         val_dir, val_labels = str(cfg.data.get("val_dir") or "val"), cfg.data.get("val_labels")
-        scans["imagenet"] = scan_imagenet(root, val_dir, flat_val=bool(val_labels))
-        spec |= {"imagenet": str(root), "val_dir": val_dir, "val_labels": val_labels}
+        listing = cfg.data.get("train_listing")
+        scans["imagenet"] = scan_imagenet(root, val_dir, flat_val=bool(val_labels),
+                                          train_listing=_given_file(listing), val_labels=_given_file(val_labels))
+        spec |= {"imagenet": str(root), "val_dir": val_dir, "val_labels": val_labels, "train_listing": listing}
     if check.what in ("voc", "both"):
         voc_root = datasets.root(cfg, "voc2007").resolve()
         scans["voc"] = scan_voc(voc_root)

@@ -79,6 +79,16 @@ def demo_variant(task: str, cfg: DictConfig) -> str:
     return variant if datasets.is_demo(cfg) and variant in conftree.presets("task") else task
 
 
+def stage_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """A stage's config as its command would compose it, checked as its command would check it: an experiment's
+    own overrides (presets, scaled settings) fail before any stage runs."""
+    from .validate import check
+
+    cfg = compose(config_name, overrides)
+    check(cfg)
+    return cfg
+
+
 def plan(cfg: DictConfig) -> list[Job]:
     """Every stage of the experiment, in dependency order, with its folder (nothing is run here)."""
     from . import pretrain, subsets, transfer
@@ -100,7 +110,7 @@ def plan(cfg: DictConfig) -> list[Job]:
             source = str(entry.get("pretrain", "subset"))
             pre_job = None
             if source == "subset":
-                pcfg = compose("pretrain", [*chosen, f"seed={seed}", *exp.get("pretrain_overrides", []),
+                pcfg = stage_config("pretrain", [*chosen, f"seed={seed}", *exp.get("pretrain_overrides", []),
                                             *pretrain_common])
                 pre_stage = pretrain.stage(pcfg)
                 pre_job = pretrains.get(str(pre_stage.path))
@@ -109,7 +119,7 @@ def plan(cfg: DictConfig) -> list[Job]:
                     pretrains[pre_job.key] = pre_job
                     jobs.append(pre_job)
             for task in tasks:
-                tcfg = compose("transfer", [*chosen, f"task={task}", f"seed={seed}", f"pretrain={source}",
+                tcfg = stage_config("transfer", [*chosen, f"task={task}", f"seed={seed}", f"pretrain={source}",
                                             *exp.get("pretrain_overrides", []), *exp.get("transfer_overrides", []),
                                             *common])
                 jobs.append(Job("transfer", entry.label, seed, tcfg, transfer.stage(tcfg), task=task,

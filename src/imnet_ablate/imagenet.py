@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import forked, store
+from . import forked, inputs, store
 from .errors import UserError
 from .wordnet import WNID
 
@@ -97,13 +97,15 @@ def class_folders(folder: Path, key: str) -> list[os.DirEntry]:
     bad = sorted(e.name for e in dirs if not WNID.fullmatch(e.name))
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise UserError(f"{key}: {folder} has folders that are not wnids: {', '.join(bad[:5])}{more}; expected "
-                        "one folder per class named by its wnid (n01440764, ...)")
+        raise UserError(f"{key}: {folder} has folders that are not wnids: {', '.join(map(inputs.shown, bad[:5]))}"
+                        f"{more}; expected one folder per class named by its wnid (n01440764, ...)")
     return sorted(dirs, key=lambda e: e.name)
 
 
 def image_names(folder: Path) -> list[str]:
-    """The sorted names of the image files in ``folder`` (not hidden, an image extension)."""
+    """The sorted names of the image files in ``folder`` (not hidden, an image extension). Names with control
+    characters or bytes that are not UTF-8 are skipped with a warning (``inputs``' rule for names; ``ablate data
+    check`` reports them as ``bad-name``)."""
     try:
         names = os.listdir(folder)
     except OSError as e:
@@ -113,9 +115,13 @@ def image_names(folder: Path) -> list[str]:
     all_one_ext = (ext.lower() in IMG_EXTENSIONS and joined.count(ext + "\0") == len(names) - 1
                    and joined.endswith(ext) and not joined.startswith(".") and "\0." not in joined)
     names = sorted(names if all_one_ext else _IMAGES_IN.findall(joined))  # the usual folder skips the regex
-    if "\t" in joined or "\n" in joined:
-        bad = next(n for n in names if "\t" in n or "\n" in n)
-        raise UserError(f"{folder / bad!s}: file name contains a tab or newline; expected plain file names")
+    if inputs.BAD_CHARS.search(joined.replace("\0", "")):
+        bad = [n for n in names if inputs.name_problem(n)]
+        names = [n for n in names if not inputs.name_problem(n)]
+        if bad:
+            log.warning("%s: skipped %d image file(s) with control characters or bytes that are not UTF-8 in "
+                        "their names (e.g. '%s'); rename them to use them", inputs.shown(folder, 200), len(bad),
+                        inputs.shown(bad[0]))
     return names
 
 
@@ -156,19 +162,17 @@ def read_train_listing(listing: Path) -> ClassFiles:
     """A listing file (its own path relative to the working folder): ``<path relative to data.root>[<TAB><wnid>]``
     per line; without a wnid, the file's folder name is the wnid (``train/<wnid>/x.JPEG``)."""
     out: dict[str, list[str]] = {}
-    try:
-        lines = listing.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"data.train_listing={listing}: cannot read ({e}); expected a UTF-8 text file") from e
+    lines = inputs.read_text(listing, key="data.train_listing").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         fields = line.rstrip("\r").split("\t")
-        rel = fields[0]
+        rel = inputs.relative_path(fields[0], f"data.train_listing={listing}:{i}")
         wnid = fields[1] if len(fields) > 1 else Path(rel).parent.name
-        if len(fields) > 2 or not WNID.fullmatch(wnid) or rel.startswith("/") or ".." in Path(rel).parts:
-            raise UserError(f"data.train_listing={listing}:{i}: {line!r}; expected '<path relative to data.root>"
-                            "<TAB><wnid>' or 'train/<wnid>/<file>'")
+        if len(fields) > 2 or not WNID.fullmatch(wnid):
+            raise UserError(f"data.train_listing={listing}:{i}: {len(fields)} field(s), wnid "
+                            f"{inputs.quoted(wnid)}; expected '<path relative to data.root><TAB><wnid>' or "
+                            "'train/<wnid>/<file>'")
         out.setdefault(wnid, []).append(rel)
     if not out:
         raise UserError(f"data.train_listing={listing}: no entries; expected one image path per line")
@@ -180,10 +184,7 @@ def read_flat_val(root: Path, val: Path, labels: Path) -> ClassFiles:
     separated; a header line is skipped), e.g. ILSVRC's ``LOC_val_solution.csv``."""
     files = set(image_names(val))
     by_stem = {Path(n).stem: n for n in files}
-    try:
-        lines = labels.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"data.val_labels={labels}: cannot read ({e}); expected a UTF-8 text file") from e
+    lines = inputs.read_text(labels, key="data.val_labels").splitlines()
     rel = val.relative_to(root).as_posix()
     out: dict[str, list[str]] = {}
     missing: list[str] = []
@@ -192,7 +193,9 @@ def read_flat_val(root: Path, val: Path, labels: Path) -> ClassFiles:
         if not fields or (i == 1 and (len(fields) < 2 or not WNID.fullmatch(fields[1]))):
             continue  # blank or header
         if len(fields) < 2 or not WNID.fullmatch(fields[1]):
-            raise UserError(f"data.val_labels={labels}:{i}: {line!r}; expected '<file name> <wnid>'")
+            token = fields[1] if len(fields) > 1 else fields[0]
+            raise UserError(f"data.val_labels={labels}:{i}: {inputs.quoted(token)} is not a wnid; expected "
+                            "'<file name> <wnid>'")
         name = fields[0] if fields[0] in files else by_stem.get(fields[0])
         if name is None:
             missing.append(fields[0])
@@ -200,7 +203,7 @@ def read_flat_val(root: Path, val: Path, labels: Path) -> ClassFiles:
         out.setdefault(fields[1], []).append(name)
     if missing:
         raise UserError(f"data.val_labels={labels}: {len(missing)} labelled files are not in {val} (e.g. "
-                        f"{missing[0]}); expected labels for the files of data.val_dir")
+                        f"{inputs.quoted(missing[0])}); expected labels for the files of data.val_dir")
     return {w: Files(f"{rel}/", sorted(names)) for w, names in sorted(out.items())}
 
 
@@ -253,9 +256,7 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
         if not train_dirs:
             raise UserError(f"data.root={given}: train/ has no class folders; expected train/<wnid>/*.JPEG")
         key += ["train", _stat_sig(train), *(f"{d.name}={_stat_sig(d)}" for d in train_dirs)]
-    val = (root / val_dir).resolve()
-    if not val.is_relative_to(root):
-        raise UserError(f"data.val_dir={val_dir}: outside data.root={given}; expected a folder under data.root")
+    val = inputs.inside(root, str(val_dir).strip("/") or ".", f"data.val_dir={val_dir}")
     val_dirs: list[os.DirEntry] = []
     if val_labels:
         labels_file = Path(val_labels).expanduser().resolve()

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from omegaconf import DictConfig
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from . import inputs
 from .errors import UserError
 
 try:  # libjpeg-turbo without torch's per-call overhead; optional (extra "fast")
@@ -47,12 +47,16 @@ Key = tuple[int, int]  # (dataset index, augmentation seed)
 
 
 # -- decode and augment (shared by every backend) ---------------------------------------------------------------
-def decode(data: bytes, planar: bool = True) -> torch.Tensor:
+def decode(data: bytes, planar: bool = True, max_pixels: int = inputs.DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """JPEG/PNG/... bytes -> uint8 RGB CHW. JPEG: libjpeg-turbo (simplejpeg if installed, else torchvision);
     anything else, and JPEGs those refuse, through PIL (ImageNet has PNGs named .JPEG and CMYK JPEGs).
-    Raises ValueError on undecodable bytes. ``planar=False`` keeps simplejpeg's HWC memory as a CHW view instead of
-    copying it: the packed path's crops, resizes and ``collate`` work on that layout directly."""
-    if data[:3] == b"\xff\xd8\xff":
+    Raises ValueError on undecodable bytes, and ``inputs.TooLarge`` (a ValueError) for an image over
+    ``max_pixels``, read from its header before anything is decoded or allocated (a 645-byte JPEG can ask for
+    20000 x 20000 pixels). ``planar=False`` keeps simplejpeg's HWC memory as a CHW view instead of copying it: the
+    packed path's crops, resizes and ``collate`` work on that layout directly."""
+    size = inputs.jpeg_size(data) if data[:3] == b"\xff\xd8\xff" else None
+    if size is not None:  # a well-formed JPEG header: the fast decoders see the size checked here
+        inputs.check_pixels(*size, max_pixels)
         try:
             if simplejpeg is not None:
                 img = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
@@ -61,9 +65,9 @@ def decode(data: bytes, planar: bool = True) -> torch.Tensor:
         except (RuntimeError, ValueError):
             pass  # CMYK / truncated / unusual JPEG: let PIL try
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with inputs.open_image(io.BytesIO(data), max_pixels) as im:
             arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError) as e:  # ValueError (TooLarge included) goes up as it is
         raise ValueError(f"cannot decode image: {e}") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
@@ -160,12 +164,10 @@ class Transform:
 
 
 def read_split(subset_dir: Path, split: str) -> tuple[list[str], list[int]]:
-    """``path`` and ``label`` columns of a subset's ``train.tsv`` / ``val.tsv``."""
+    """``path`` and ``label`` columns of a subset's ``train.tsv`` / ``val.tsv``; every path must stay inside the
+    data root (``inputs.first_escaping``): a subset folder may come from elsewhere (``subset_dir=``)."""
     tsv = Path(subset_dir) / f"{split}.tsv"
-    try:
-        lines = tsv.read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"{tsv}: cannot read ({e.strerror}); rebuild the subset with `ablate subset`") from e
+    lines = inputs.read_text(tsv, "a subset index file in UTF-8; rebuild the subset with `ablate subset`").splitlines()
     if not lines or lines[0].split("\t")[:2] != ["path", "label"]:
         raise UserError(f"{tsv}: expected a header 'path<TAB>label<TAB>wnid'")
     paths, labels = [], []
@@ -175,7 +177,10 @@ def read_split(subset_dir: Path, split: str) -> tuple[list[str], list[int]]:
             paths.append(cols[0])
             labels.append(int(cols[1]))
         except (IndexError, ValueError) as e:
-            raise UserError(f"{tsv}:{n}: expected 'path<TAB>label<TAB>wnid', got {line!r}") from e
+            raise UserError(f"{tsv}:{n}: {len(cols)} field(s) or a label that is not an integer; expected "
+                            "'path<TAB>label<TAB>wnid'") from e
+    if (bad := inputs.first_escaping(paths)) is not None:
+        inputs.relative_path(paths[bad], f"{tsv}:{bad + 2}")
     return paths, labels
 
 
@@ -183,16 +188,20 @@ def data_root(subset_dir: Path) -> Path:
     """The ImageNet root the subset's paths are relative to (``manifest.json``'s ``data_root``)."""
     manifest = Path(subset_dir) / "manifest.json"
     try:
-        return Path(json.loads(manifest.read_text())["data_root"])
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{manifest}: cannot read data_root ({e}); rebuild the subset with `ablate subset`") from e
+        return Path(json.loads(inputs.read_text(manifest))["data_root"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{manifest}: no data_root ({type(e).__name__}); rebuild the subset with `ablate subset`"
+                        ) from e
 
 
 class FilesDataset(Dataset):
-    """The reference path: one image file per sample, read and decoded in the worker."""
+    """The reference path: one image file per sample, read and decoded in the worker. An image over
+    ``max_pixels`` is unreadable like a corrupt one (None), found from its header without decoding it."""
 
-    def __init__(self, root: Path, paths: list[str], labels: list[int], transform: Transform):
+    def __init__(self, root: Path, paths: list[str], labels: list[int], transform: Transform,
+                 max_pixels: int = inputs.DEFAULT_MAX_PIXELS):
         self.root, self.paths, self.labels, self.transform = Path(root), paths, labels, transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -201,7 +210,7 @@ class FilesDataset(Dataset):
         index, seed = key
         path = self.paths[index]
         try:
-            img = self.transform(decode((self.root / path).read_bytes()), seed)
+            img = self.transform(decode((self.root / path).read_bytes(), max_pixels=self.max_pixels), seed)
         except (OSError, ValueError):
             img = None  # counted and reported by the training loop
         return img, self.labels[index], path
@@ -301,6 +310,14 @@ def files_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfi
     """(train, val) for ``loader=files``: every image decoded from its own file."""
     root = data_root(subset_dir)
     size, resize = int(model_cfg.input_size), int(model_cfg.resize)
-    train = FilesDataset(root, *read_split(subset_dir, "train"), Transform(size, resize, str(train_cfg.augment)))
-    val = FilesDataset(root, *read_split(subset_dir, "val"), Transform(size, resize, "val"))
+    limit = max_pixels(loader_cfg)
+    train = FilesDataset(root, *read_split(subset_dir, "train"), Transform(size, resize, str(train_cfg.augment)),
+                         limit)
+    val = FilesDataset(root, *read_split(subset_dir, "val"), Transform(size, resize, "val"), limit)
     return train, val
+
+
+def max_pixels(section: DictConfig) -> int:
+    """``loader.max_pixels`` or ``pack.max_pixels``: both follow ``data.max_pixels``, the limit ``ablate data
+    check`` applies, so an image it calls too large is one every reader refuses."""
+    return int(section.get("max_pixels") or inputs.DEFAULT_MAX_PIXELS)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import loaders
+from . import inputs, loaders
 from .errors import UserError
 from .store import Stage, atomic_path, atomic_write_json, atomic_write_text
 
@@ -56,15 +56,16 @@ def listing_sha256(listing: Sequence[tuple[str, str]]) -> str:
 
 
 # -- one image --------------------------------------------------------------------------------------------------
-def encode(data: bytes, short_side: int, quality: int) -> bytes:
+def encode(data: bytes, short_side: int, quality: int, max_pixels: int = inputs.DEFAULT_MAX_PIXELS) -> bytes:
     """Source bytes -> RGB JPEG bytes with the shorter side at most ``short_side``.
 
     A baseline RGB JPEG already small enough is kept byte for byte (no second lossy pass); anything else is
     decoded (with libjpeg's DCT scaling first for big originals: ``draft``), resized with LANCZOS and
-    re-encoded. Raises ValueError for anything that does not fully decode (truncated, not an image, ...).
+    re-encoded. Raises ValueError for anything that does not fully decode (truncated, not an image, ...) and for
+    an image over ``max_pixels`` (from its header, before decoding: the loaders' rule).
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with inputs.open_image(io.BytesIO(data), max_pixels) as im:
             w, h = im.size
             scale = short_side / min(w, h)
             if scale >= 1 and im.format == "JPEG" and im.mode == "RGB":
@@ -78,7 +79,7 @@ def encode(data: bytes, short_side: int, quality: int) -> bytes:
             rgb = im.convert("RGB")
             if rgb.size != size:
                 rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from e
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=quality)
@@ -102,16 +103,16 @@ def chunk_done(chunks: Path, k: int, items: Sequence[tuple[str, str]]) -> bool:
         return False
 
 
-def pack_chunk(job: tuple[str, str, int, list[tuple[str, str]], int, int]) -> int:
+def pack_chunk(job: tuple[str, str, int, list[tuple[str, str]], int, int, int]) -> int:
     """Encode one chunk of sources into ``chunks/<k>.bin`` + ``<k>.json`` (bytes first, record last, both
     atomic). Returns the number of sources handled (for the progress bar)."""
-    root, chunks, k, items, short_side, quality = job
+    root, chunks, k, items, short_side, quality, max_pixels = job
     bin_path, rec_path = _chunk_paths(Path(chunks), k)
     sizes, shas, kept, bad = [], [], [], []
     with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
         for rel, wnid in items:
             try:
-                data = encode((Path(root) / rel).read_bytes(), short_side, quality)
+                data = encode((Path(root) / rel).read_bytes(), short_side, quality, max_pixels)
             except (OSError, ValueError) as e:
                 bad.append([rel, str(e)[:200]])
                 continue
@@ -144,7 +145,8 @@ def concatenate(chunks: Path, n_chunks: int, out: Path) -> dict:
 
 
 def pack(root: Path, listing: Sequence[tuple[str, str]], out: Path, short_side: int, quality: int,
-         workers: int, chunk_size: int = 1024, progress: bool = True) -> dict:
+         workers: int, chunk_size: int = 1024, progress: bool = True,
+         max_pixels: int = inputs.DEFAULT_MAX_PIXELS) -> dict:
     """Encode ``listing`` (paths relative to ``root``) into the store files in ``out``; resumes from finished
     chunks. Returns the counts written to the manifest."""
     from tqdm import tqdm
@@ -155,7 +157,7 @@ def pack(root: Path, listing: Sequence[tuple[str, str]], out: Path, short_side: 
     todo = [k for k, items in enumerate(parts) if not chunk_done(chunks, k, items)]
     if len(todo) < len(parts):
         log.info("resuming %s: %d of %d chunks already packed", out, len(parts) - len(todo), len(parts))
-    jobs = [(str(root), str(chunks), k, parts[k], short_side, quality) for k in todo]
+    jobs = [(str(root), str(chunks), k, parts[k], short_side, quality, max_pixels) for k in todo]
     bar = tqdm(total=len(listing), initial=len(listing) - sum(len(parts[k]) for k in todo), unit="img",
                desc="pack", disable=not progress, mininterval=2.0)
     if workers > 1 and len(jobs) > 1:
@@ -199,7 +201,8 @@ def ensure(root: Path, listing: Sequence[tuple[str, str]], stage_root: Path, cfg
             atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(composed, resolve=True))
         counts = pack(Path(root), listing, stage.path, params["short_side"], params["quality"],
                       workers=int(cfg_pack.workers) or (os.cpu_count() or 1),
-                      chunk_size=int(cfg_pack.chunk_size), progress=bool(cfg_pack.get("progress", True)))
+                      chunk_size=int(cfg_pack.chunk_size), progress=bool(cfg_pack.get("progress", True)),
+                      max_pixels=loaders.max_pixels(cfg_pack))
         if counts["bad"]:
             log.warning("%d of %d sources could not be read and were skipped; first: %s", counts["bad"],
                         counts["sources"], ", ".join(p for p, _ in counts["bad_first"][:5]))
@@ -313,5 +316,6 @@ def build_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfi
                     int((indices < 0).sum()), subset_dir, folder)
     size, resize = int(model_cfg.input_size), int(model_cfg.resize)
     train = PackedDataset(store, indices, labels, paths, loaders.Transform(size, resize, str(train_cfg.augment)))
-    val = loaders.FilesDataset(root, *loaders.read_split(subset_dir, "val"), loaders.Transform(size, resize, "val"))
+    val = loaders.FilesDataset(root, *loaders.read_split(subset_dir, "val"), loaders.Transform(size, resize, "val"),
+                               loaders.max_pixels(loader_cfg))
     return train, val

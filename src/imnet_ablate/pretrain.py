@@ -45,6 +45,9 @@ OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_ev
 # submitit's time-limit warning (its own handler, called after our checkpoint, requeues the job).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_POLL = 10  # with several processes, agree on a stop every this many steps (each agreement syncs the GPU)
+CHECKPOINT_KEYS = ("stage_hash", "world", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "pos",
+                   "iteration", "history", "stats")
+RESTART = "delete it to start this run over"
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def make_stage(cfg: DictConfig, folder: Path) -> tuple[store.Stage, int]:
     """The pre-training's folder for a built subset folder, and the subset's number of classes."""
     try:
         num_classes = int(json.loads((folder / "manifest.json").read_text())["num_classes"])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{folder / 'manifest.json'}: cannot read num_classes ({e}); rebuild the subset") from e
     return _stage(cfg, *subset_key(folder)), num_classes
 
@@ -234,7 +237,7 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 def load_checkpoint(stage: store.Stage, ctx: Context) -> dict[str, Any] | None:
     """The run's checkpoint, if any, after checking it belongs to this config and this number of processes."""
     path = stage.path / "checkpoint.pt"
-    ckpt = runtime.load_checkpoint(path)
+    ckpt = runtime.load_checkpoint(path, "a pre-training checkpoint", CHECKPOINT_KEYS, RESTART)
     if ckpt is None:
         return None
     if ckpt.get("stage_hash") != stage.hash:
@@ -390,11 +393,12 @@ def setup_training(cfg: DictConfig, stage: store.Stage, folder: Path, num_classe
         ctx.main and (t.progress is True or (t.progress == "auto" and sys.stderr.isatty())), pin)
     ckpt = load_checkpoint(stage, ctx)
     if ckpt is not None:
-        for part in ("model", "optimizer", "scheduler", "scaler"):
-            getattr(tr, part).load_state_dict(ckpt[part])
-        tr.epoch, tr.pos, tr.it, tr.history, tr.stats = (ckpt[k] for k in ("epoch", "pos", "iteration", "history",
-                                                                             "stats"))
-        runtime.set_rng_state(ckpt["rng"][ctx.rank], dev)
+        with store.restoring(stage.path / "checkpoint.pt", "a pre-training checkpoint", RESTART):
+            for part in ("model", "optimizer", "scheduler", "scaler"):
+                getattr(tr, part).load_state_dict(ckpt[part])
+            tr.epoch, tr.pos, tr.it, tr.history, tr.stats = (ckpt[k] for k in ("epoch", "pos", "iteration",
+                                                                                 "history", "stats"))
+            runtime.set_rng_state(ckpt["rng"][ctx.rank], dev)
         log.info("resuming %s at epoch %d, step %d of the epoch (iteration %d)", stage.path, tr.epoch, tr.pos, tr.it)
     else:
         torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks

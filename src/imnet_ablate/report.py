@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from .inputs import inside
 from .store import atomic_path, atomic_write_text
 from .tasks import read_metrics, task_for
 
@@ -209,7 +210,7 @@ def write(cfg: DictConfig, jobs: list) -> Path:
     """Write ``<paths.results>/<experiment>/``: README.md, table.csv, per_class.csv, runs.csv, plot.png; print the
     tables."""
     exp = cfg.experiment
-    out = Path(cfg.paths.results) / str(exp.name)
+    out = inside(cfg.paths.results, str(exp.name), "experiment.name")
     frame, missing = collect(jobs)
     table = summarize(frame, exp) if not frame.empty else pd.DataFrame()
     lines = [f"# {exp.get('title', exp.name)}", "",

@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 from . import datasets
 from .errors import UserError
 from .evaluate import METRICS
-from .store import atomic_write_json
+from .inputs import name_problem
+from .store import atomic_write_json, spec_hash
 from .tasks import Metrics, task_for
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,16 @@ def format_table(metrics: Metrics, title: str) -> str:
     width = max([12, *map(len, metrics.per_class)])
     rows = [f"{name:<{width}} {pct(v)}" for name, v in metrics.per_class.items()]
     return "\n".join([title, *rows, f"{metrics.score_name:<{width}} {pct(metrics.score)}"])
+
+
+def default_output(cfg: DictConfig, detections: Path, task: str) -> Path:
+    """``<paths.runs>/evaluate/<detections folder>-<hash of its path>/eval_<task>_<split>_<metric>.json``: under
+    the runs folder like every other output (a detections folder may be read-only, or someone else's), one folder
+    per detections folder, rescoring it replaces its file."""
+    where = detections.resolve()
+    name = where.name if where.name and not name_problem(where.name) else "detections"
+    return (Path(cfg.paths.runs) / "evaluate" / f"{name}-{spec_hash({'detections': str(where)})}"
+            / f"eval_{task}_{cfg.split}_{cfg.metric}.json")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -46,6 +57,6 @@ def run(cfg: DictConfig) -> Path:
     if record.get("coco"):
         print("COCO " + " ".join(f"{k} {100 * v:.2f}" if v is not None else f"{k} n/a"
                                  for k, v in record["coco"].items()))
-    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else folder / f"eval_{split}_{metric}.json"
+    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else default_output(cfg, folder, task.name)
     atomic_write_json(output, record)
     return output.parent

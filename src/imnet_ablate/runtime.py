@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .store import atomic_torch_save
+from .store import atomic_torch_save, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_torch_save(path, state)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """A checkpoint written by ``save_checkpoint``, or None when there is none yet. Read with
-    ``weights_only=True`` (a crafted file cannot run code); a torn or foreign file is a one-line error."""
-    if not path.is_file():
+def load_checkpoint(path: Path, what: str, keys: tuple[str, ...] = (),
+                    advice: str = "delete it to start this stage over") -> dict[str, Any] | None:
+    """A checkpoint written by ``save_checkpoint``, or None when there is none yet: ``store.load_torch`` (tensors
+    only: a crafted file cannot run code; a torn, foreign or incomplete one is a one-line error naming it). Apply
+    it inside ``store.restoring(path, what, advice)``, so a checkpoint that does not fit is one line too."""
+    if not path.exists():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a torn or foreign file
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start this stage "
-                        "over") from e
+    return load_torch(path, what, keys, advice, valid=lambda obj: isinstance(obj, dict))

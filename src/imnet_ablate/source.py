@@ -6,7 +6,6 @@ folder is not finished. Shared by every task.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +14,7 @@ from omegaconf import DictConfig
 
 from . import models
 from .errors import UserError
+from .store import finished, load_torch, restoring
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,9 @@ def source_of(cfg: DictConfig) -> Source:
         stage = pretrain.stage(pretrain_cfg(cfg))
         return Source(stage.hash, stage.path.name, stage.path)
     folder = Path(choice).expanduser().resolve()
-    try:
-        key = str(json.loads((folder / "DONE").read_text())["hash"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"pretrain={choice}: not a finished pre-training folder (no valid DONE); expected a run_dir "
-                        "printed by `ablate pretrain`, or subset / scratch / torchvision") from e
-    return Source(key, folder.name, folder)
+    record = finished(folder, f"pretrain={choice}", "pre-training folder",
+                      "a run_dir printed by `ablate pretrain`, or subset / scratch / torchvision")
+    return Source(str(record["hash"]), folder.name, folder)
 
 
 def load_network(cfg: DictConfig, source: Source) -> models.Backbone:
@@ -107,9 +104,10 @@ def torchvision_network(cfg: DictConfig) -> models.Backbone:
     if not path.is_file():
         raise UserError(f"pretrain=torchvision: {path} not found; download it where there is network access "
                         f"(torchvision.models.{weights.model['name']}(weights='IMAGENET1K_V1')) and copy it there")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, f"torchvision's {weights.model['name']} weights", valid=lambda s: isinstance(s, dict))
     model = models.build(weights.model, 1000)
-    model.load_state_dict({_renamed(k, weights.rename): v for k, v in state.items()})
+    with restoring(path, f"torchvision's {weights.model['name']} weights"):
+        model.load_state_dict({_renamed(k, weights.rename): v for k, v in state.items()})
     return model
 
 

@@ -15,17 +15,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, inputs
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,67 @@ def writes_allowed() -> bool:
 def _refuse_in_read_only(path: Path) -> None:
     if not writes_allowed():
         raise RuntimeError(f"{path}: a write while planning (store.read_only); planning must write nothing")
+# (path, size, mtime, ctime, inode, device) -> SHA-256 computed by this process. A file changed in any way gets a
+# new ctime (which no user can set back), so a hit is a file already hashed unchanged: each output is hashed once
+# per process however often its stage is looked up (``ablate run`` plans, runs and reports the same stages).
+_HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def checked_sha256(path: Path) -> str:
+    """``file_sha256``, remembered for the file as it is now (see ``_HASHED``)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    if key not in _HASHED:
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
+
+
+def _refusal(path: Path | str, reason: str, what: str, advice: str) -> UserError:
+    return UserError(f"{path}: {reason}; expected {what}" + (f"; {advice}" if advice else ""))
+
+
+def load_torch(path: Path | str, what: str, keys: tuple[str, ...] = (), advice: str = "",
+               valid: Callable[[Any], bool] | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: the one way this package reads a checkpoint, a model or a
+    cached tensor. A file that is missing, truncated, not a torch file, refused by ``weights_only`` (it holds
+    objects other than tensors and plain containers: a crafted pickle never runs), lacking ``keys`` or failing
+    ``valid`` is one ``UserError`` naming it, what it should be and ``advice``."""
+    import warnings
+
+    import torch
+
+    def refuse(reason: str) -> UserError:
+        return _refusal(path, reason, what, advice)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing a file
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise refuse("missing") from e
+    except OSError as e:
+        raise refuse(f"cannot read ({e.strerror or e})") from e
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError, ... for bad files
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        raise refuse(f"refused: it holds {inputs.shown(unsafe.group(1))}, not only tensors" if unsafe
+                     else f"not a readable torch file ({type(e).__name__}, truncated or corrupted)") from e
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise refuse(f"no {inputs.quoted(missing[0])} entry")
+    if valid is not None and not valid(obj):
+        raise refuse(f"a {type(obj).__name__} of another shape or type")
+    return obj
+
+
+@contextlib.contextmanager
+def restoring(path: Path | str, what: str, advice: str = "") -> Iterator[None]:
+    """Around the code that applies what ``load_torch`` read (``load_state_dict``, RNG states): a file that loads
+    but does not fit (other layers or shapes, entries of the wrong type) is one ``UserError`` naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        detail = inputs.shown(str(e).split("\n")[0], 120)
+        raise _refusal(path, f"does not fit ({type(e).__name__}: {detail})", what, advice) from e
 
 
 @contextlib.contextmanager
@@ -184,14 +246,52 @@ def same_hash_folder(folder: Path, stage_hash: str) -> Path | None:
     return next((p for p in found if (p / DONE).is_file()), found[0] if found else None)
 
 
+def done_record(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s DONE marker if it is valid (each output a path inside the folder, with a size and a SHA-256)
+    and every listed output exists with its recorded size; else None."""
+    try:
+        record = json.loads((folder / DONE).read_text())
+        for rel, meta in record["outputs"].items():
+            if (inputs.path_problem(rel) or not isinstance(meta["sha256"], str)
+                    or (folder / rel).stat().st_size != meta["size"]):
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return record
+
+
+def changed_outputs(folder: Path, record: Mapping[str, Any]) -> list[str]:
+    """Outputs of a DONE record whose SHA-256 differs from the one recorded."""
+    return [rel for rel, meta in record["outputs"].items() if checked_sha256(folder / rel) != meta["sha256"]]
+
+
+def check_intact(folder: Path, record: Mapping[str, Any]) -> None:
+    """One ``UserError`` naming the first output of ``record`` changed since the stage finished."""
+    changed = changed_outputs(folder, record)
+    if changed:
+        raise UserError(f"{folder / changed[0]}: changed since its stage finished (SHA-256 differs from "
+                        f"{folder / DONE}); restore it, or delete {folder} to recompute the stage")
+
+
+def finished(folder: Path, key: str, what: str = "stage folder",
+             expected: str = "a run_dir printed by an ablate command") -> dict[str, Any]:
+    """The DONE record of a stage folder named in the config (``pretrain=<run_dir>``), checked as a reused stage
+    is: finished, and every output intact."""
+    record = done_record(folder)
+    if record is None:
+        raise UserError(f"{key}: not a finished {what} (no valid DONE in {folder}); expected {expected}")
+    check_intact(folder, record)
+    return record
+
+
 class Stage:
     """One stage folder. Use ``is_done()`` to skip finished work, ``lock()`` around the work, ``finish()`` last."""
 
     def __init__(self, root: Path | str, kind: str, name: str, spec: Mapping[str, Any]):
-        self.kind = kind
+        self.kind = inputs.plain_name(kind, "stage kind")
         self.spec = dict(spec)
         self.hash = spec_hash({"kind": kind, **self.spec})
-        self.name = f"{name}-{self.hash}"
+        self.name = inputs.plain_name(f"{name}-{self.hash}", f"{kind} stage name")  # names come from config values
         self.path = Path(root) / kind / self.name
         if not self.path.exists() and (known := same_hash_folder(self.path.parent, self.hash)) is not None:
             self.name, self.path = known.name, known
@@ -202,31 +302,30 @@ class Stage:
     # -- completion -------------------------------------------------------------------------------------------
     def done_record(self) -> dict[str, Any] | None:
         """The DONE marker's content if it is present and every listed output exists with its recorded size."""
-        try:
-            record = json.loads((self.path / DONE).read_text())
-            for rel, meta in record["outputs"].items():
-                if (self.path / rel).stat().st_size != meta["size"]:
-                    return None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return record
+        return done_record(self.path)
 
     def is_done(self) -> bool:
-        return self.done_record() is not None
+        """Finished and intact: a valid DONE marker whose outputs still have their recorded size and SHA-256.
+        An output changed since (same size or not: a size change alone makes the folder unfinished, which is
+        resumed or redone) is a ``UserError`` naming it: a finished stage is never silently reused or redone
+        over outputs someone altered. Each output is hashed once per process (``checked_sha256``)."""
+        record = self.done_record()
+        if record is None:
+            return False
+        check_intact(self.path, record)
+        return True
 
     def verify(self) -> list[str]:
         """Outputs whose checksum no longer matches the DONE marker (empty list: all intact)."""
         record = self.done_record()
-        if record is None:
-            return [DONE]
-        return [rel for rel, meta in record["outputs"].items() if file_sha256(self.path / rel) != meta["sha256"]]
+        return [DONE] if record is None else changed_outputs(self.path, record)
 
     def finish(self, outputs: list[str]) -> None:
         """Write the DONE marker, last, with the size and SHA-256 of each output (paths relative to the folder)."""
         record = {
             "stage": self.kind,
             "hash": self.hash,
-            "outputs": {rel: {"size": (self.path / rel).stat().st_size, "sha256": file_sha256(self.path / rel)}
+            "outputs": {rel: {"size": (self.path / rel).stat().st_size, "sha256": checked_sha256(self.path / rel)}
                         for rel in sorted(outputs)},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import conftree, datacheck, datasets, forked, imagenet, store, wordnet
+from . import conftree, datacheck, datasets, forked, imagenet, inputs, store, wordnet
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,8 @@ def read_spec(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise UserError(f"subset: unknown key(s) {', '.join(unknown)}; expected {', '.join(KEYS)}")
     spec = {k: spec.get(k) for k in KEYS}
-    name = spec["name"]
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise UserError(f"subset.name={name}: expected a non-empty name usable as a folder name")
+    if inputs.plain_name(spec["name"], "subset.name").startswith("."):
+        raise UserError(f"subset.name={spec['name']}: a hidden name; expected a name usable as a folder name")
     for key in ("images_per_class", "num_classes"):
         _positive(spec, key)
     classes = spec["classes"]

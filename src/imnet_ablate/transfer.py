@@ -55,7 +55,8 @@ def run(cfg: DictConfig) -> Path:
             log.info("transfer %s from %s (seed %d) on %s -> %s", task.name, source.name, seed, device, st.path)
             started = time.perf_counter()
             torch.manual_seed(seed)  # new layers, dropout, proposal sampling: the seed picks them all
-            metrics = task.run(TaskRun(st, backbone, source.key != "scratch", roots, seed, device))
+            metrics = task.run(TaskRun(st, backbone, source.key != "scratch", roots, seed, device,
+                                       int(cfg.data.max_pixels)))
             record = {**metrics.record(), "pretrain": source.key, "seed": seed,
                       "seconds": round(time.perf_counter() - started, 1)}
             log.info("%s %s %.4f (%s) in %.0f s", task.name, metrics.score_name, metrics.score, metrics.metric,

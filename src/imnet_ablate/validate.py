@@ -1,19 +1,24 @@
-"""Types and ranges of every numeric and switch key (and the words of a few choice keys), checked once on the
-composed config before any work.
+"""Type, range or form of every config key, checked once on the composed config before any work.
 
 One table for all commands (keys are matched by glob on their dotted path, first match wins), so a bad value is
 one line naming the key, the value and what is allowed, with exit code 2, instead of a traceback minutes into a
-run or, worse, a stage that finishes with nonsense.
+run or, worse, a stage that finishes with nonsense. Every key has a rule (a test fails for a shipped key without
+one): numbers and switches, and also names (which become folder names: ``inputs.plain_name``'s rule), paths,
+choices and lists (each item checked). Seeds are integers in [0, 2**32 - 1], the range of numpy's seed (the
+narrowest of the generators a seed reaches); larger ones are refused rather than reduced, so a stage folder always
+records the seed that was used.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import inputs
 from .errors import UserError
 from .evaluate import METRICS
 
@@ -55,11 +60,107 @@ def optional(rule: tuple[Check, str]) -> tuple[Check, str]:
     return (lambda v: v is None or rule[0](v)), f"null or {rule[1]}"
 
 
+def list_of(rule: tuple[Check, str], increasing: bool = False) -> tuple[Check, str]:
+    """A non-empty list whose every item passes ``rule`` (strictly increasing with ``increasing``)."""
+    def ok(v: Any) -> bool:
+        return (isinstance(v, list) and len(v) > 0 and all(rule[0](x) for x in v)
+                and (not increasing or all(a < b for a, b in zip(v, v[1:]))))
+    return ok, f"a non-empty list{', increasing,' if increasing else ''} of items each {rule[1]}"
+
+
+def _plain(v: Any) -> bool:
+    try:
+        inputs.plain_name(v, "")
+    except UserError:
+        return False
+    return True
+
+
 SWITCH = ((lambda v: isinstance(v, bool)), "true or false")
 AUTO_SWITCH = ((lambda v: isinstance(v, bool) or v == "auto"), "true, false or 'auto'")
 FRACTION = number(0, 1)
+SEED = integer(0, 2 ** 32 - 1)
+TEXT = ((lambda v: isinstance(v, str)), "a string")
+NAME = (_plain, "a plain name (no '/', '..' or control characters)")
+PATH = ((lambda v: isinstance(v, str) and v != "" and inputs.name_problem(v) is None),
+        "a path (without control characters)")
+INSIDE = ((lambda v: isinstance(v, str) and inputs.path_problem(v) is None),
+          "a path relative to data.root, without '..'")
+WNIDS = ((lambda v: isinstance(v, str) and re.fullmatch(r"n\d{8}", v) is not None), "a wnid (n01440764, ...)")
+NAMES = ((lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))),
+         "null, a name or a list of names")
+SETS = ((lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(e, dict) and _plain(e.get("label"))
+                                                             for e in v)),
+        "a non-empty list of {label: <name>, subset: <preset>, pretrain: ...} entries")
 
 RULES: list[tuple[str, tuple[Check, str]]] = [
+    # folders and files
+    ("paths.*", PATH),
+    ("data.root", optional(PATH)),
+    ("data.*_root", optional(PATH)),
+    ("data.val_dir", INSIDE),
+    ("*train_listing", optional(PATH)),
+    ("data.val_labels", optional(PATH)),
+    ("data.name", NAME),
+    ("data.max_pixels", integer(1)),
+    ("*.max_pixels", integer(1)),
+    ("subset_dir", optional(PATH)),
+    ("pretrain", PATH),  # subset, scratch, torchvision or a pre-training folder
+    ("detections", PATH),
+    ("output", optional(PATH)),
+    ("loader.store", optional(PATH)),
+    ("*.root", PATH),
+    ("*.cache", PATH),
+    ("bench.doc", PATH),
+    # choices and names that become folder or file names
+    ("split", NAME),
+    ("task.*_split", NAME),
+    ("task.name", NAME),
+    ("train.name", NAME),
+    ("metric", choice(*METRICS)),  # ablate evaluate's AP rule
+    # a task's own words (metric, protocol, feature layer) are names its plug-in checks (Task.check, Backbone.layer)
+    ("task.metric", NAME),
+    ("task.protocol", NAME),
+    ("task.feature", NAME),
+    ("*.augment", choice("crop", "resized_crop")),
+    ("train.budget", choice("same_epochs", "same_iterations")),
+    ("train.schedule.unit", choice("epoch", "iteration")),
+    ("model.name", NAME),  # built-in or a plug-in's (models.build names the known ones when it is neither)
+    ("bench.model", NAME),
+    ("model.init", choice("default", "caffe", "kaiming")),
+    ("loader.name", choice("files", "packed")),
+    ("check.what", choice("imagenet", "voc", "both", "voc2012", "sun397")),
+    ("what", choice("loader", "model", "train")),
+    ("bench.data", choice("generated", "dataset")),
+    # lists
+    ("*optimizer.steps", list_of(integer(1), increasing=True)),
+    ("task.anchor_sizes", list_of(integer(1))),
+    ("task.aspect_ratios", list_of(number(0, low_open=True))),
+    # experiments
+    ("experiment.name", NAME),
+    ("experiment.baseline", NAME),
+    ("experiment.title", TEXT),
+    ("experiment.notes", TEXT),
+    ("experiment.x", choice("images", "classes")),
+    ("experiment.plot", choice("line", "bar")),
+    ("experiment.sets", SETS),
+    ("experiment.paper.*.*.value", number(0)),  # a value derived from the paper's text, and how
+    ("experiment.paper.*.*.derived", TEXT),
+    ("experiment.paper.*.*", number(0)),
+    ("experiment.*tasks", list_of(NAME)),
+    ("tasks", list_of(NAME)),
+    ("experiment.*_overrides", list_of(TEXT)),
+    # subsets (their meaning is checked by subsets.read_spec and wordnet)
+    ("subset.name", NAME),
+    ("subset.classes", ((lambda v: v is None or (_is_int(v) and v >= 1) or list_of(WNIDS)[0](v)),
+                        "null (all), a number K >= 1 or a list of wnids")),
+    ("subset.budget", ((lambda v: v is None), "null or {classes: K, images_per_class: N}")),
+    ("subset.budget.classes", integer(1)),
+    ("subset.budget.images_per_class", integer(1)),
+    ("subset.grouping", optional(NAME)),
+    ("subset.exclude", NAMES),
+    ("subset.exclude.*", NAMES),
+    ("subset.half", optional(choice("min-a", "min-b", "random-a", "random-b"))),
     # data
     ("data.demo.train_per_class", integer(1)),
     ("data.demo.val_per_class", integer(1)),
@@ -99,9 +200,6 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("train.channels_last", SWITCH),
     ("train.tensorboard", SWITCH),
     ("train.progress", AUTO_SWITCH),
-    ("train.schedule.unit", choice("epoch", "iteration")),
-    ("train.budget", choice("same_epochs", "same_iterations")),
-    ("train.augment", choice("crop", "resized_crop")),
     # loaders
     ("*.num_workers", either("auto", integer(0))),
     ("check.workers", either("auto", integer(1))),
@@ -129,9 +227,9 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("task.detections_per_img", integer(1)),
     ("task.freeze_convs", integer(0, 5)),
     ("task.finetune.freeze_convs", integer(0, 5)),
+    ("task.image_size", optional(integer(16))),
     ("task.drop_last_pool", SWITCH),
     ("coco", SWITCH),
-    ("task.metric", choice(*METRICS)),  # else raised by the first AP, after the whole transfer training
     # packing, checking, benchmarking
     ("*.chunk_size", integer(1)),
     ("*.progress", AUTO_SWITCH),
@@ -153,21 +251,21 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("device", ((lambda v: isinstance(v, str) and (v in ("auto", "cpu") or v.startswith("cuda"))),
                 "'auto', 'cpu', 'cuda' or 'cuda:<index>'")),
     # whole runs
-    ("seed", integer(0)),
-    ("*.seed", integer(0)),
-    ("pretrain_seed", integer(0)),
-    ("seeds", integer(1)),
+    ("seed", SEED),
+    ("*.seed", SEED),
+    ("pretrain_seed", SEED),
+    ("seeds", integer(1, 2 ** 32)),
     ("jobs", either("auto", integer(1))),
     ("plan", SWITCH),
 ]
 
 
 def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every scalar of a plain resolved config; list items are skipped."""
-    if isinstance(node, dict):
+    """(dotted key, value) of every scalar and every list of a plain resolved config (a list is one value)."""
+    if isinstance(node, dict) and (node or not prefix):
         for key, value in node.items():
             yield from leaves(value, f"{prefix}.{key}" if prefix else str(key))
-    elif not isinstance(node, list):
+    else:
         yield prefix, node
 
 
@@ -176,15 +274,24 @@ def rule_for(key: str) -> tuple[Check, str] | None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise ``UserError`` for the first key whose value breaks its rule; also model/resolution compatibility."""
+    """Raise ``UserError`` for the first key whose value breaks its rule; also model/resolution compatibility, and
+    what the chosen model and task plug-ins say of their own settings (``models.check_name``, ``Task.check``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # "???" stays for its command
     for key, value in leaves(resolved):
-        if key.startswith(("hydra.", "experiment.")) or value == "???":
+        if key.startswith("hydra.") or value == "???":
             continue
         rule = rule_for(key)
         if rule is not None and not rule[0](value):
-            raise UserError(f"{key}={value!r}: expected {rule[1]}")
+            raise UserError(f"{key}={inputs.shown(repr(value))}: expected {rule[1]}")
     model = resolved.get("model") or {}
     if _is_int(model.get("resize")) and _is_int(model.get("input_size")) and model["resize"] < model["input_size"]:
         raise UserError(f"model.resize={model['resize']} is smaller than model.input_size={model['input_size']}: "
                         "images are resized to model.resize, then cropped to model.input_size")
+    if model:
+        from .models import check_name
+
+        check_name(cfg.model)
+    if isinstance(resolved.get("task"), dict):
+        from .tasks import task_for
+
+        task_for(cfg.task)  # a plug-in checks its own settings (Task.check) before any folder is written

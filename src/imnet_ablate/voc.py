@@ -25,6 +25,7 @@ import defusedxml
 import defusedxml.ElementTree as DET
 import numpy as np
 
+from . import inputs
 from .errors import UserError
 from .store import atomic_write_text
 
@@ -96,20 +97,22 @@ def image_path(voc_root: Path | str, image_id: str, year: str = "2007") -> Path:
 
 def split_ids(voc_root: Path | str, split: str, year: str = "2007", image_sets: str = "Main") -> list[str]:
     """The image ids of ``ImageSets/<image_sets>/<split>.txt`` (``Main`` for detection, ``Action`` in VOC 2012)
-    under a VOCdevkit (or year) folder, in file order."""
+    under a VOCdevkit (or year) folder, in file order. The split name and every id become file names, so each
+    must be a plain name (``inputs.plain_name``): ``split=../..`` or an id ``../../x`` never reads outside the VOC
+    folder."""
     if problem := missing_year_dir(voc_root, year):
         raise UserError(problem)
     return _split_ids(year_dir(voc_root, year), split, year, image_sets)
 
 
 def _split_ids(folder: Path, split: str, year: str, image_sets: str = "Main") -> list[str]:
+    inputs.plain_name(split, "split")
     path = folder / "ImageSets" / image_sets / f"{split}.txt"
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the '{split}' split ({e.strerror}); expected a VOCdevkit folder "
-                        f"holding VOC{year}/ImageSets/{image_sets}/{split}.txt") from e
-    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    text = inputs.read_text(path, f"a VOCdevkit folder holding VOC{year}/ImageSets/{image_sets}/{split}.txt in UTF-8")
+    ids = [inputs.plain_name(line.split()[0], f"{path}:{n}: image id")
+           for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not ids:
+        raise UserError(f"{path}: no image ids; expected one id per line")
     seen: set[str] = set()
     dupes = sorted({i for i in ids if i in seen or seen.add(i)})
     if dupes:
@@ -215,6 +218,7 @@ def load_split(voc_root: Path | str, split: str, year: str = "2007", *, check_im
     """The annotated images of ``ImageSets/Main/<split>.txt`` in file order (cached per process)."""
     if problem := missing_year_dir(voc_root, year):
         raise UserError(problem)
+    inputs.plain_name(split, "split")
     folder = year_dir(voc_root, year)
     split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
     stamp = split_file.stat().st_mtime_ns if split_file.is_file() else 0
@@ -297,10 +301,7 @@ def write_cls_results(folder: Path | str, split: str, scores: Mapping[str, Class
 
 def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.ndarray]:
     """Image ids and the numeric columns of a whitespace-separated results file; errors name file and line."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e}); expected a text results file") from e
+    text = inputs.read_text(path, "a UTF-8 text results file")
     ids: list[str] = []
     values: list[list[float]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -314,11 +315,27 @@ def _parse_rows(path: Path, n_fields: int, layout: str) -> tuple[list[str], np.n
             if not all(math.isfinite(v) for v in nums):
                 raise ValueError
         except ValueError:
-            raise UserError(f"{path}:{lineno}: malformed line {line.strip()[:80]!r}; expected '{layout}' "
-                            "with finite numbers") from None
+            raise UserError(f"{path}:{lineno}: malformed line ({_malformed(fields, n_fields)}); expected "
+                            f"'{layout}' with finite numbers") from None
         ids.append(fields[0])
         values.append(nums)
     return ids, np.array(values, np.float64).reshape(-1, n_fields - 1)
+
+
+def _malformed(fields: list[str], n_fields: int) -> str:
+    """What is wrong with a results line, quoting only the offending token: an error never shows the rest of a
+    file that may not be a results file at all (a link to a private file, say)."""
+    if len(fields) != n_fields:
+        return f"{len(fields)} field(s)"
+    token = next(f for f in fields[1:] if not _is_finite(f))
+    return f"{inputs.quoted(token, 32)} is not a finite number"
+
+
+def _is_finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _read_results(folder: Path | str, split: str, classes: Iterable[str], path_of: Callable[..., Path],
@@ -328,7 +345,9 @@ def _read_results(folder: Path | str, split: str, classes: Iterable[str], path_o
     into its type. Two competitions' files for one class are an error (which one would be scored?)."""
     out, used = {}, {}
     for cls in classes:
-        present = [p for p in (path_of(folder, split, cls, comp) for comp in comps) if p.is_file()]
+        # a FIFO or a folder is refused, not scored as "no detections"
+        present = [p for p in (path_of(folder, split, cls, comp) for comp in comps)
+                   if inputs.is_present(p, "a regular results file")]
         if len(present) > 1:
             raise UserError(f"{folder}: {' and '.join(p.name for p in present)} both score {cls}; expected one "
                             f"results file per class ({comps[0]}: trained on VOC data only, {comps[1]}: with outside "

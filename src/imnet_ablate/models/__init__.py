@@ -29,16 +29,21 @@ BUILTIN: dict[str, str] = {
 }
 
 
-def build(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -> Backbone:
-    """A freshly initialised network for ``model_cfg`` with ``num_classes`` outputs."""
+def check_name(model_cfg: DictConfig | Mapping[str, Any]) -> str:
+    """The builder a model config names: ``_target_``, else the built-in of its ``name`` (one line if neither)."""
     name = model_cfg.get("name")
     target = model_cfg.get("_target_") or BUILTIN.get(str(name))
     if target is None:
         raise UserError(f"model.name={name}: unknown model; expected one of {', '.join(BUILTIN)}, or a "
                         "model._target_ naming your own builder")
-    model = locate(str(target), "model._target_")(model_cfg, num_classes)
+    return str(target)
+
+
+def build(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -> Backbone:
+    """A freshly initialised network for ``model_cfg`` with ``num_classes`` outputs."""
+    model = locate(check_name(model_cfg), "model._target_")(model_cfg, num_classes)
     if not isinstance(model, Backbone):
-        raise UserError(f"model._target_={target}: returned {type(model).__name__}; expected an "
+        raise UserError(f"model._target_={check_name(model_cfg)}: returned {type(model).__name__}; expected an "
                         "imnet_ablate.models.Backbone")
     return model
 
@@ -48,15 +53,20 @@ def load_pretrained(pretrain_dir: Path | str) -> tuple[Backbone, dict[str, Any]]
 
     ``model.pt`` holds tensors only and is read with ``weights_only=True``: a shared checkpoint cannot run code.
     """
-    import torch
+    import yaml
+
+    from ..store import load_torch, restoring
 
     folder = Path(pretrain_dir)
     try:
-        cfg = OmegaConf.load(folder / "config.yaml")
+        model_cfg = OmegaConf.load(folder / "config.yaml").model
         manifest = json.loads((folder / "metrics.json").read_text())
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: not a finished pre-training folder ({e}); run `ablate pretrain` first") from e
-    model = build(cfg.model, int(manifest["num_classes"]))
-    model.load_state_dict(state)
+        num_classes = int(manifest["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
+        raise UserError(f"{folder}: not a finished pre-training folder ({type(e).__name__} in its config.yaml or "
+                        "metrics.json); run `ablate pretrain` first") from e
+    state = load_torch(folder / "model.pt", "a pre-trained model's weights", valid=lambda s: isinstance(s, dict))
+    model = build(model_cfg, num_classes)
+    with restoring(folder / "model.pt", "the weights of the model its config.yaml describes"):
+        model.load_state_dict(state)
     return model, manifest

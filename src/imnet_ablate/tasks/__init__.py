@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import locate
 from ..errors import UserError
+from ..inputs import DEFAULT_MAX_PIXELS
 
 BUILTIN: dict[str, str] = {
     "voc-cls": "imnet_ablate.tasks.voc_cls:VocClassification",
@@ -72,6 +73,7 @@ class TaskRun:
     roots: dict[str, Path]  # dataset name -> folder
     seed: int
     device: Any  # torch.device
+    max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels: larger images are refused from their header
 
 
 class Task:
@@ -82,6 +84,7 @@ class Task:
     score_name: ClassVar[str] = "score"  # the headline's name in tables
     paper_name: ClassVar[str | None] = None  # the paper's name for this task (PASCAL-DET, ...); None: not one of them
     results_dir: ClassVar[str] = "results"  # sub-folder of the stage holding the scored outputs
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # task.<key> -> its allowed words (checked by ``check``)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg  # the task config (cfg.task)
@@ -96,7 +99,12 @@ class Task:
         return OmegaConf.to_container(self.cfg, resolve=True)
 
     def check(self) -> None:
-        """Config errors that no rule in validate.py can see, raised before any folder is written."""
+        """Config errors that no rule in validate.py can see, raised before any folder is written: by default every
+        key of ``choices`` present in the config must be one of its words."""
+        for key, words in self.choices.items():
+            value = self.cfg.get(key)
+            if value is not None and value not in words:
+                raise UserError(f"task.{key}={value!r}: expected {' or '.join(map(repr, words))}")
 
     def run(self, run: TaskRun) -> Metrics:
         raise NotImplementedError

@@ -19,8 +19,9 @@ from torch import nn
 
 from .. import runtime
 from ..errors import UserError
+from ..inputs import DEFAULT_MAX_PIXELS
 from ..loaders import decode
-from ..store import atomic_torch_save
+from ..store import atomic_torch_save, load_torch, restoring
 from . import TaskRun
 
 log = logging.getLogger(__name__)
@@ -29,18 +30,20 @@ Step = Callable[[int], dict[str, torch.Tensor]]  # iteration -> named losses (su
 
 
 # -- images -------------------------------------------------------------------------------------------------------
-def read_image(path: Path) -> torch.Tensor:
-    """uint8 RGB CHW of one image file; an unreadable one is a one-line error naming it."""
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """uint8 RGB CHW of one image file; an unreadable one, or one over ``max_pixels`` (``TaskRun.max_pixels``,
+    from the header, before decoding), is a one-line error naming it."""
     try:
-        return decode(path.read_bytes())
+        return decode(path.read_bytes(), max_pixels=max_pixels)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read ({e})") from e
 
 
-def load_resized(paths: Sequence[Path], size: int, workers: int = 4) -> torch.Tensor:
+def load_resized(paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4
+                 ) -> torch.Tensor:
     """All images squashed to ``size`` x ``size`` (whole image kept: objects near the border still count)."""
     def one(path: Path) -> torch.Tensor:
-        return TF.resize(read_image(path), [size, size], antialias=True)
+        return TF.resize(read_image(path, max_pixels), [size, size], antialias=True)
 
     with ThreadPoolExecutor(workers) as pool:
         return torch.stack(list(pool.map(one, paths)))
@@ -79,8 +82,9 @@ def extract_features(backbone: nn.Module, x: torch.Tensor, layer: str, device: t
 def cached_features(run: TaskRun, split: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``features_<split>.pt`` in the stage folder, computed once: a resumed probe does not run the network again."""
     path = run.stage.path / f"features_{split}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
+    if path.exists():
+        return load_torch(path, "cached features (a 2-D float tensor)", advice="delete it to compute them again",
+                          valid=lambda t: isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point())
     feats = compute()
     atomic_torch_save(path, feats)
     return feats
@@ -157,12 +161,15 @@ def train_steps(run: TaskRun, model: nn.Module, optimizer: torch.optim.Optimizer
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
             ) -> int:
     """Restore a run interrupted mid-training; returns the iteration to continue from (0 if none)."""
-    state = runtime.load_checkpoint(path)
-    if state is None or "optimizer" not in state:
+    what = "a transfer checkpoint"
+    state = runtime.load_checkpoint(path, what, ("model", "optimizer", "scheduler", "iteration", "rng"))
+    if state is None:
         return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    runtime.set_rng_state(state["rng"], device)
-    log.info("resuming from %s at iteration %d", path, state["iteration"])
-    return int(state["iteration"])
+    with restoring(path, what, "delete it to start this stage over"):
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        runtime.set_rng_state(state["rng"], device)
+        iteration = int(state["iteration"])
+    log.info("resuming from %s at iteration %d", path, iteration)
+    return iteration

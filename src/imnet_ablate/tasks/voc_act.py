@@ -31,6 +31,7 @@ from torchvision.ops import roi_align
 
 from .. import evaluate, voc_actions
 from ..errors import UserError
+from ..evaluate import METRICS
 from ..models import Backbone
 from ..voc_actions import SCORED, ActionImage, ActionPerson
 from . import Metrics, Task, TaskRun, training
@@ -63,12 +64,12 @@ def crop(img: torch.Tensor, box: tuple[float, float, float, float], context: flo
     return TF.resize(img[:, top:bottom, left:right], [size, size], antialias=True)
 
 
-def region_pixels(root: Path, images: Sequence[ActionImage], context: float, size: int
+def region_pixels(root: Path, images: Sequence[ActionImage], context: float, size: int, max_pixels: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per listed person (list order): its crop, and the whole image it is in, both ``size`` x ``size`` uint8."""
     crops, scenes = [], []
     for image in images:
-        pixels = training.read_image(voc_actions.year_dir(root) / "JPEGImages" / f"{image.id}.jpg")
+        pixels = training.read_image(voc_actions.year_dir(root) / "JPEGImages" / f"{image.id}.jpg", max_pixels)
         scene = TF.resize(pixels, [size, size], antialias=True)
         for person in image.persons:
             crops.append(crop(pixels, person.box, context, size))
@@ -82,7 +83,8 @@ def linear_scores(run: TaskRun, task: DictConfig, splits: dict[str, list[ActionI
 
     def feats(split: str) -> torch.Tensor:
         def compute() -> torch.Tensor:
-            crops, scenes = region_pixels(run.roots["voc2012"], splits[split], float(task.context), size)
+            crops, scenes = region_pixels(run.roots["voc2012"], splits[split], float(task.context), size,
+                                          run.max_pixels)
             return torch.cat([training.extract_features(run.backbone, x, task.feature, run.device)
                               for x in (crops, scenes)], 1)
         return training.cached_features(run, split, compute)
@@ -114,10 +116,12 @@ class TwoRegionClassifier(nn.Module):
         return self.classifier(torch.cat([person, scene], 1))
 
 
-def scaled_sample(root: Path, image: ActionImage, task: DictConfig, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_sample(run: TaskRun, image: ActionImage, task: DictConfig, flip: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (uint8) resized to shorter side ``min_size`` (longer at most ``max_size``) and its person boxes in
     the same 0-based continuous coordinates; mirrored when ``flip``."""
-    pixels = training.read_image(voc_actions.year_dir(root) / "JPEGImages" / f"{image.id}.jpg")
+    path = voc_actions.year_dir(run.roots["voc2012"]) / "JPEGImages" / f"{image.id}.jpg"
+    pixels = training.read_image(path, run.max_pixels)
     height, width = pixels.shape[-2:]
     scale = min(task.min_size / min(height, width), task.max_size / max(height, width))
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
@@ -132,7 +136,7 @@ def scaled_sample(root: Path, image: ActionImage, task: DictConfig, flip: bool) 
 
 def finetune_scores(run: TaskRun, task: DictConfig, splits: dict[str, list[ActionImage]]) -> torch.Tensor:
     """Test logits of the fine-tuning protocol (``TwoRegionClassifier``, BCE per action, flips)."""
-    ft, root, device, backbone = task.finetune, run.roots["voc2012"], run.device, run.backbone
+    ft, device, backbone = task.finetune, run.device, run.backbone
     if run.pretrained:
         backbone.freeze(ft.freeze_convs)
         backbone.freeze_batchnorm()
@@ -144,7 +148,7 @@ def finetune_scores(run: TaskRun, task: DictConfig, splits: dict[str, list[Actio
         g = training.iteration_generator(run.seed, it)
         logits, labels = [], []
         for i in training.batch_indices(len(train), ft.images_per_batch, run.seed, it).tolist():
-            pixels, boxes = scaled_sample(root, train[i], ft, bool(torch.rand((), generator=g) < 0.5))
+            pixels, boxes = scaled_sample(run, train[i], ft, bool(torch.rand((), generator=g) < 0.5))
             logits.append(model(backbone.normalize(pixels[None].to(device)), boxes.to(device)))
             labels.append(targets(train[i].persons))
         return {"bce": F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(labels).to(device))}
@@ -155,7 +159,7 @@ def finetune_scores(run: TaskRun, task: DictConfig, splits: dict[str, list[Actio
     with torch.no_grad():
         out = []
         for image in splits["test"]:
-            pixels, boxes = scaled_sample(root, image, ft, False)
+            pixels, boxes = scaled_sample(run, image, ft, False)
             out.append(model(backbone.normalize(pixels[None].to(device)), boxes.to(device)).cpu())
         return torch.cat(out)
 
@@ -163,6 +167,7 @@ def finetune_scores(run: TaskRun, task: DictConfig, splits: dict[str, list[Actio
 class VocAction(Task):
     datasets = ("voc2012",)
     score_name = "mAP"
+    choices = {"protocol": PROTOCOLS, "metric": METRICS}
     paper_name = "PASCAL-ACT-CLS"
 
     def spec(self) -> dict[str, Any]:
@@ -170,10 +175,6 @@ class VocAction(Task):
         spec = super().spec()
         spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
         return spec
-
-    def check(self) -> None:
-        if self.cfg.protocol not in PROTOCOLS:
-            raise UserError(f"task.protocol={self.cfg.protocol}: expected one of {', '.join(PROTOCOLS)}")
 
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2012"]

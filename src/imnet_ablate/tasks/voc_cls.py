@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from .. import evaluate, voc
-from ..errors import UserError
+from ..evaluate import METRICS
 from . import Metrics, Task, TaskRun, training
 
 PROTOCOLS = ("linear", "finetune")
@@ -64,16 +64,13 @@ def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, targets:
 class VocClassification(Task):
     datasets = ("voc2007",)
     score_name = "mAP"
+    choices = {"protocol": PROTOCOLS, "metric": METRICS}
 
     def spec(self) -> dict[str, Any]:
         """The task config without the settings of the protocol not in use (they change nothing)."""
         spec = super().spec()
         spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
         return spec
-
-    def check(self) -> None:
-        if self.cfg.protocol not in PROTOCOLS:
-            raise UserError(f"task.protocol={self.cfg.protocol}: expected one of {', '.join(PROTOCOLS)}")
 
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2007"]
@@ -82,7 +79,7 @@ class VocClassification(Task):
         train_size = size if task.protocol == "linear" else round(size * task.finetune.train_resize)
 
         def pixels(images: Sequence[voc.VocImage], side: int) -> torch.Tensor:
-            return training.load_resized([voc.image_path(root, img.id) for img in images], side)
+            return training.load_resized([voc.image_path(root, img.id) for img in images], side, run.max_pixels)
 
         x_train, x_test = pixels(train_imgs, train_size), pixels(test_imgs, size)
         targets, weights = cls_targets(train_imgs)

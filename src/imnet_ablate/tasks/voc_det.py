@@ -26,6 +26,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from .. import evaluate, voc
+from ..evaluate import METRICS
+from ..inputs import DEFAULT_MAX_PIXELS
 from ..models import Backbone
 from . import Metrics, Task, TaskRun, json_number, training
 
@@ -70,9 +72,10 @@ def build_detector(backbone: Backbone, det: DictConfig) -> GeneralizedRCNN:
     return GeneralizedRCNN(parts.trunk, rpn, heads, transform)
 
 
-def det_sample(voc_root: Path, img: voc.VocImage, flip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def det_sample(voc_root: Path, img: voc.VocImage, flip: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Image as float 0..1 and its non-difficult objects in torchvision's 0-based continuous coordinates."""
-    x = training.read_image(voc.image_path(voc_root, img.id)).float() / 255
+    x = training.read_image(voc.image_path(voc_root, img.id), max_pixels).float() / 255
     keep = ~img.difficult
     boxes = torch.from_numpy(img.boxes[keep]).float() - torch.tensor([1.0, 1.0, 0.0, 0.0])
     if flip:
@@ -91,7 +94,7 @@ def train_detector(run: TaskRun, detector: GeneralizedRCNN, images: Sequence[voc
 
     def step(it: int) -> dict[str, torch.Tensor]:
         g = training.iteration_generator(run.seed, it)
-        batch = [det_sample(root, images[i], bool(torch.rand((), generator=g) < 0.5))
+        batch = [det_sample(root, images[i], bool(torch.rand((), generator=g) < 0.5), run.max_pixels)
                  for i in training.batch_indices(len(images), det.images_per_batch, run.seed, it).tolist()]
         losses = detector([x.to(device) for x, _ in batch], [{k: v.to(device) for k, v in t.items()} for _, t in batch])
         return {k.removeprefix("loss_"): v for k, v in losses.items()}
@@ -101,13 +104,13 @@ def train_detector(run: TaskRun, detector: GeneralizedRCNN, images: Sequence[voc
 
 @torch.no_grad()
 def detect(detector: GeneralizedRCNN, voc_root: Path, images: Sequence[voc.VocImage], device: torch.device,
-           batch: int = 8) -> dict[str, voc.ClassDets]:
+           max_pixels: int = DEFAULT_MAX_PIXELS, batch: int = 8) -> dict[str, voc.ClassDets]:
     """Detections per class in VOC's 1-based pixel coordinates, images in split order."""
     detector.to(device).eval()
     rows: list[tuple[str, int, float, list[float]]] = []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
-        outs = detector([(training.read_image(voc.image_path(voc_root, img.id)).float() / 255).to(device)
+        outs = detector([(training.read_image(voc.image_path(voc_root, img.id), max_pixels).float() / 255).to(device)
                          for img in chunk])
         for img, out in zip(chunk, outs):
             boxes = (out["boxes"].cpu().double() + torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
@@ -123,6 +126,7 @@ class VocDetection(Task):
     datasets = ("voc2007",)
     score_name = "mAP"
     paper_name = "PASCAL-DET"
+    choices = {"metric": METRICS}
     results_dir = "detections"
 
     def run(self, run: TaskRun) -> Metrics:
@@ -133,7 +137,7 @@ class VocDetection(Task):
         detector = build_detector(run.backbone, task)
         train_detector(run, detector, voc.load_split(root, task.train_split), task)
         test_imgs = voc.load_split(root, task.test_split)
-        dets = detect(detector, root, test_imgs, run.device)
+        dets = detect(detector, root, test_imgs, run.device, run.max_pixels)
         voc.write_det_results(run.stage.path / self.results_dir, task.test_split, dets)
         return self.score(test_imgs, dets, str(task.metric), {"n_images": len(test_imgs)}, coco=True)
 

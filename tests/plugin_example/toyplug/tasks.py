@@ -16,7 +16,7 @@ class PersonPresence(Task):
         root, size = run.roots["voc2007"], int(run.backbone.input_size)
         splits = {s: voc.load_split(root, self.cfg[f"{s}_split"]) for s in ("train", "test")}
         feats = {s: training.extract_features(run.backbone, training.load_resized(
-            [voc.image_path(root, img.id) for img in images], size), "fc7", run.device)
+            [voc.image_path(root, img.id) for img in images], size, run.max_pixels), "fc7", run.device)
             for s, images in splits.items()}
         person = voc.CLASSES.index("person")
         target = torch.tensor([[float(person in img.labels)] for img in splits["train"]])
