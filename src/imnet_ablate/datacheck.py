@@ -27,10 +27,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, imagenet, store
+from . import datasets, imagenet, store, sun397
 from .errors import UserError
 
-WHAT = ("imagenet", "voc", "both")
+WHAT = ("imagenet", "voc", "both", "sun397")
 CHUNK = 256  # files per worker task: big enough to amortise the pickling, small enough to balance two cores
 
 # problem code -> (severity, what happens to such a file)
@@ -60,6 +60,7 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "size-mismatch": ("warning", "annotation <size> differs from the JPEG; boxes are used as written"),
     "unlisted": ("warning", "in no split file; never used"),
 }
+PROBLEMS |= sun397.PROBLEMS  # SUN397's own codes live with its reader
 # Image problems that make one file unusable: these are what known_bad() hands the subset builder.
 BAD_IMAGE = {"empty", "unreadable", "not-an-image", "truncated", "undecodable", "too-large"}
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -375,6 +376,12 @@ def check_voc(scan: VocScan, check: Check) -> tuple[list[Finding], dict[str, Any
     return findings, summary
 
 
+def check_sun397(scan: sun397.Scan, check: Check) -> tuple[list[Finding], dict[str, Any]]:
+    """The reader's findings (ClassName.txt, partitions, stray files) and every image decoded."""
+    found, modes = check_images("sun397", scan.root, scan.images, check)
+    return [Finding("sun397", *f) for f in scan.findings()] + found, scan.summary | {"modes": dict(modes)}
+
+
 def _size_mismatches(voc_root: Path, jpegs: dict[str, str], sizes: dict[str, tuple[int, int]]) -> list[Finding]:
     from PIL import Image
 
@@ -507,15 +514,21 @@ def check_all(scans: dict[str, Scan], check: Check) -> dict[str, Any]:
     if "voc" in scans:
         found, summaries["voc"] = check_voc(scans["voc"], check)
         findings += found
+    if "sun397" in scans:
+        found, summaries["sun397"] = check_sun397(scans["sun397"], check)
+        findings += found
     return report(findings, summaries)
 
 
 def run(cfg: DictConfig) -> Path:
     """``ablate data check``: check, print the summary, write the report; exit 1 (after writing) on errors."""
     check = read_check(cfg)
-    roots = datasets.resolve(cfg, need_voc=check.what != "imagenet")
-    scans: dict[str, Scan] = {}
+    scans: dict[str, Any] = {}
     spec: dict[str, Any] = {"what": check.what, "min_side": check.min_side}
+    if check.what == "sun397":
+        scans["sun397"] = sun397.scan(datasets.sun397_root(cfg).resolve())
+        spec["sun397"] = str(scans["sun397"].root)
+    roots = datasets.resolve(cfg, need_voc=check.what != "imagenet") if check.what != "sun397" else None
     if check.what in ("imagenet", "both"):
         root = roots.imagenet.resolve()
         val_dir, val_labels = str(cfg.data.get("val_dir") or "val"), cfg.data.get("val_labels")

@@ -37,6 +37,17 @@ def resolve(cfg: DictConfig, need_voc: bool = False) -> DataRoots:
     return DataRoots(imagenet, voc)
 
 
+def sun397_root(cfg: DictConfig) -> Path:
+    """The SUN397 copy of ``cfg.data``: ``data.sun397_root`` (the folder holding ``SUN397/``, or ``SUN397/``
+    itself), or with ``data=demo`` and no root the generated scenes (generated on first use)."""
+    data = cfg.data
+    if data.get("sun397_root") is None and data.get("demo") is not None:
+        from . import demo_sun397
+
+        return demo_sun397.ensure(data.demo, Path(cfg.paths.cache))
+    return _existing_dir(data.get("sun397_root"), "data.sun397_root")
+
+
 def generate_demo(cfg: DictConfig) -> Path:
     """``ablate data demo``: generate (or find) the demo pair and report its folder."""
     if cfg.data.get("demo") is None:

@@ -59,6 +59,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("data.demo.image_size", integer(16, 1024)),
     ("data.demo.voc_image_size", integer(32, 2048)),
     ("data.demo.voc_*", integer(2)),
+    ("data.demo.sun397.*_per_class", integer(1)),
+    ("data.demo.sun397.image_size", integer(16, 1024)),
     # subsets
     ("subset.images_per_class", optional(integer(1))),
     ("subset.num_classes", optional(integer(1, 1000))),
