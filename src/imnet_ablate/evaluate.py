@@ -9,6 +9,9 @@ ignored if its objects of the class are all difficult, negative otherwise; image
 
 Metrics: ``voc07`` averages the maximum precision at recall >= t over MATLAB's ``0:0.1:1`` (see
 ``matlab_colon``); ``area`` is the VOC2010+ area under the monotone precision envelope (``VOCap.m``).
+SUN397 scene classification (single label): mean per-class accuracy (``class_accuracy``, ``mean_class_accuracy``).
+SUN397 has no results-file convention (its benchmark published no submission format), so ``ablate evaluate``
+reads none for it.
 
 Deliberate differences from the devkit, in degenerate cases only:
 - a class without non-difficult ground truth gets AP NaN (the devkit gives 0 for voc07, NaN for area) and is
