@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Time ``demo.ensure`` at the default demo settings (conf/data/demo.yaml) into a fresh cache folder.
+"""Time ``demo.ensure`` (or with ``--sun397`` ``demo_sun397.ensure``) at the default demo settings
+(conf/data/demo.yaml) into a fresh cache folder.
 
-    .venv/bin/python scripts/bench_demo.py [--cache DIR] [--keep]
+    .venv/bin/python scripts/bench_demo.py [--sun397] [--cache DIR] [--keep]
 
 Prints wall seconds, CPU seconds (this process and its workers: on a busy machine wall time overstates the cost,
 CPU time / cores does not), the load average, file count and disk size. The folder is removed unless ``--keep``.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from imnet_ablate import demo
+from imnet_ablate import demo, demo_sun397
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "demo.yaml"
 
@@ -38,14 +39,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, help="cache folder (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the generated folder")
+    ap.add_argument("--sun397", action="store_true", help="the SUN397-like scenes (data.demo.sun397) instead")
     args = ap.parse_args()
     params = OmegaConf.load(CONF).demo
+    generator = demo_sun397 if args.sun397 else demo
     cache = args.cache or Path(tempfile.mkdtemp(prefix="bench_demo_"))
-    if demo.folder_for(params, cache).exists():
-        raise SystemExit(f"{demo.folder_for(params, cache)} exists: pass an empty --cache to time generation")
+    if generator.folder_for(params, cache).exists():
+        raise SystemExit(f"{generator.folder_for(params, cache)} exists: pass an empty --cache to time generation")
     load_before = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), cpu_seconds()
-    folder = demo.ensure(params, cache)
+    folder = generator.ensure(params, cache)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     files, apparent, allocated = disk_usage(folder)
     print(f"params: {OmegaConf.to_container(params)}")

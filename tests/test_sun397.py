@@ -161,8 +161,10 @@ def test_torchvision_reads_the_demo_tree_with_our_labels(sun397_demo: Path):
     assert len(data) == 397 * per_class
     split = sun397.load_partition(sun397_demo, 1)
     assert split.source["kind"] == "official"
-    assert len(split.train) == 397 * TINY_SUN397["train_per_class"] and len(split.test) == 397 * TINY_SUN397["test_per_class"]
-    theirs = {p.relative_to(sun397_demo / "SUN397").as_posix(): label for p, label in zip(data._image_files, data._labels)}
+    assert len(split.train) == 397 * TINY_SUN397["train_per_class"]
+    assert len(split.test) == 397 * TINY_SUN397["test_per_class"]
+    sun = sun397_demo / "SUN397"
+    theirs = {p.relative_to(sun).as_posix(): label for p, label in zip(data._image_files, data._labels)}
     assert {s.path: s.label for s in split.train + split.test} == theirs
     image, label = data[0]
     assert image.size == (TINY_SUN397["image_size"],) * 2 and image.mode == "RGB"

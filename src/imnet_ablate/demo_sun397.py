@@ -28,12 +28,12 @@ import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from importlib import resources
 
 from . import demo, sun397, wordnet
 from .errors import UserError
@@ -137,9 +137,10 @@ def image_name(seed: int, shot: Shot) -> str:
 
 def scene_plan(seed: int, shot: Shot, size: int) -> dict[str, Any]:
     """Everything random about one scene, from its category's generator and its own."""
-    look = np.random.default_rng([seed, SUN_CODE, 1, shot.category.index])
-    ground_z, grid, horizon = look.standard_normal(demo.N_TRAITS), look.standard_normal((demo.BG_GRID,) * 2 + (3,)), \
-        0.35 + 0.35 * look.random()
+    look = np.random.default_rng([seed, SUN_CODE, 1, shot.category.index])  # the category's, shared by its scenes
+    ground_z = look.standard_normal(demo.N_TRAITS)
+    grid = look.standard_normal((demo.BG_GRID, demo.BG_GRID, 3))
+    horizon = 0.35 + 0.35 * look.random()
     rng = np.random.default_rng([seed, SUN_CODE, 1 + SPLIT_CODE[shot.split], shot.category.index, shot.index])
     objects = shot.category.objects
     shown = rng.choice(len(objects), int(rng.integers(1, min(MAX_SHOWN, len(objects)) + 1)), replace=False)
@@ -152,7 +153,8 @@ def scene_plan(seed: int, shot: Shot, size: int) -> dict[str, Any]:
 
 
 def ground_layers(plans: Sequence[dict[str, Any]], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each scene's ground: its category's look as a wide, flat-topped, strongly textured shape under the horizon."""
+    """Each scene's ground: its category's look as a wide, strongly textured shape (flat, round or peaked) whose top
+    is the horizon."""
     look = demo.decode(np.stack([p["ground_z"] for p in plans]))
     n = len(plans)
     look |= {"aspect": np.ones(n), "lobe_amp": np.zeros(n), "parts": np.zeros(n, int),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,7 +33,6 @@ CATEGORY_FILE = "sun397_categories.txt"
 CLASS_NAMES = "ClassName.txt"
 PARTITIONS = range(1, 11)
 PER_CLASS = 50  # images per category and side of the official partitions
-CATEGORY = re.compile(r"/([a-z])/\1[a-z_]*(/[a-z_]+)?")
 EXPECTED_LINE = "expected lines like /a/abbey/sun_aaalbzqrimafwbiv.jpg"
 MAX_TOKEN = 80  # the most of an offending token a message repeats
 
