@@ -144,9 +144,17 @@ def test_a_broken_copy_is_one_line_naming_file_and_line(tree: Path, case: str):
     assert "\n" not in str(info.value) and "secret" not in str(info.value)
 
 
-def test_partition_number_and_skipped_file_check(tree: Path):
+def test_partition_number_empty_splits_and_skipped_file_check(tree: Path, tmp_path: Path):
     with pytest.raises(UserError, match=r"partition=11: expected an integer from 1 to 10"):
         sun397.load_partition(tree, 11)
+    empty = make_tree(tmp_path / "empty", partitions=None)
+    for jpeg in (empty / "SUN397").rglob("*.jpg"):
+        jpeg.unlink()
+    with pytest.raises(UserError, match=r"SUN397: the seeded split has no training or no test images"):
+        sun397.load_partition(empty)
+    (tree / "Partitions" / "Testing_02.txt").write_bytes(b"\xef\xbb\xbf\r\n")  # a BOM and a CRLF: no lines
+    with pytest.raises(UserError, match=r"the official split has no training or no test images"):
+        sun397.load_partition(tree, 2)
     (tree / "SUN397" / "a" / "abbey" / "sun_abbe000000000004.jpg").unlink()
     assert len(sun397.load_partition(tree, 1, check_files=False).test) == 3 * len(CATEGORIES)
 

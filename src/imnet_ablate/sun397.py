@@ -107,7 +107,7 @@ def read_lines(path: Path, code: str, report: Report) -> list[tuple[int, str]]:
     out = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
-            text = raw.decode("utf-8").strip()
+            text = raw.decode("utf-8").strip().lstrip("\ufeff")  # a byte-order mark from a Windows editor
         except UnicodeDecodeError:
             text = None
         if text is None or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
@@ -254,9 +254,12 @@ def load_partition(root: Path | str, partition: int = 1, seed: int = 0, check_fi
     sun = sun_dir(root)
     known = class_names(sun, raise_problem)
     folder = partitions_dir(sun)
-    if folder is None:
-        return seeded_split(sun, known, seed)
-    return official_split(sun, folder, partition, known, check_files)
+    split = seeded_split(sun, known, seed) if folder is None else official_split(sun, folder, partition, known,
+                                                                                   check_files)
+    if not split.train or not split.test:
+        raise UserError(f"{sun}: the {split.source['kind']} split has no training or no test images; expected "
+                        "images at SUN397/<letter>/<category>/*.jpg and partitions that list them")
+    return split
 
 
 # -- ablate data check --------------------------------------------------------------------------------------------
