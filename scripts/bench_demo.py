@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Time ``demo.ensure`` at the default demo settings (conf/data/demo.yaml) into a fresh cache folder; with
-``--voc2012``, ``demo_actions.ensure`` (the VOC 2012 action devkit of ``data.demo.voc2012``) instead.
+``--voc2012`` the VOC 2012 action devkit (``demo_actions.ensure``, ``data.demo.voc2012``), with ``--sun397`` the
+SUN397-like scenes (``demo_sun397.ensure``, ``data.demo.sun397``) instead.
 
-    .venv/bin/python scripts/bench_demo.py [--voc2012] [--cache DIR] [--keep]
+    .venv/bin/python scripts/bench_demo.py [--voc2012 | --sun397] [--cache DIR] [--keep]
 
 Prints wall seconds, CPU seconds (this process and its workers: on a busy machine wall time overstates the cost,
 CPU time / cores does not), the load average, file count and disk size. The folder is removed unless ``--keep``.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from imnet_ablate import demo, demo_actions
+from imnet_ablate import demo, demo_actions, demo_sun397
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "demo.yaml"
 
@@ -40,9 +41,10 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="cache folder (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the generated folder")
     ap.add_argument("--voc2012", action="store_true", help="time the VOC 2012 action devkit instead of the pair")
+    ap.add_argument("--sun397", action="store_true", help="the SUN397-like scenes (data.demo.sun397) instead")
     args = ap.parse_args()
     params = OmegaConf.load(CONF).demo
-    generator = demo_actions if args.voc2012 else demo
+    generator = demo_actions if args.voc2012 else demo_sun397 if args.sun397 else demo
     cache = args.cache or Path(tempfile.mkdtemp(prefix="bench_demo_"))
     if generator.folder_for(params, cache).exists():
         raise SystemExit(f"{generator.folder_for(params, cache)} exists: pass an empty --cache to time generation")

@@ -16,6 +16,8 @@ TINY_DEMO = {"seed": 0, "train_per_class": 4, "val_per_class": 2, "image_size": 
              "voc_trainval": 200, "voc_test": 200}
 # The other generated datasets' sections of data.demo (generated on first use by the tasks that read them).
 TINY_VOC2012 = {"train_images": 60, "val_images": 30, "image_size": 64}
+# The generated SUN397 scenes (data.demo.sun397): every category, 2 + 2 images each.
+TINY_SUN397 = {"train_per_class": 2, "test_per_class": 2, "image_size": 32}
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +40,19 @@ def demo_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def sun397_demo(demo_cache: Path) -> Path:
+    """The tiny generated SUN397 tree (folder holding SUN397/ and Partitions/), in the session's demo cache."""
+    from imnet_ablate import demo_sun397
+
+    return demo_sun397.ensure({**TINY_DEMO, "sun397": TINY_SUN397}, demo_cache)
+
+
 def tiny_demo_overrides(cache: Path, runs: Path) -> list[str]:
     """Hydra overrides that point a command at the tiny demo and an isolated runs folder."""
     return ([f"paths.cache={cache}", f"paths.runs={runs}"] + [f"data.demo.{k}={v}" for k, v in TINY_DEMO.items()]
-            + [f"data.demo.voc2012.{k}={v}" for k, v in TINY_VOC2012.items()])
+            + [f"data.demo.voc2012.{k}={v}" for k, v in TINY_VOC2012.items()]
+            + [f"data.demo.sun397.{k}={v}" for k, v in TINY_SUN397.items()])
 
 
 def run_ablate(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None

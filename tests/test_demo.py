@@ -211,6 +211,18 @@ def test_stale_temporary_folders_are_swept(tmp_path: Path):
     assert not old.exists() and live.exists()
 
 
+def test_nested_sections_leave_the_pair_folder_unchanged(tmp_path: Path):
+    """The pair's folder name is a contract (finished runs refer to it): ``data.demo.sun397`` must not change it."""
+    from imnet_ablate.experiments import compose
+
+    shipped = OmegaConf.to_container(compose("data_demo", []).data.demo)
+    assert isinstance(shipped.get("sun397"), dict)
+    assert demo.folder_for(shipped, tmp_path).name == "b8b03f089368"  # imnet-ablate 0.1.0's, before nested sections
+    flat = {k: v for k, v in shipped.items() if not isinstance(v, dict)}
+    other = {**shipped, "sun397": {"image_size": 1}}
+    assert demo.folder_for(flat, tmp_path) == demo.folder_for(other, tmp_path) == demo.folder_for(shipped, tmp_path)
+
+
 @pytest.mark.parametrize("change, key", [({"seed": -1}, "seed"), ({"image_size": 8}, "image_size"),
                                          ({"voc_test": "many"}, "voc_test"), ({"colour": 1}, "colour")])
 def test_bad_params_name_the_key(tmp_path: Path, change: dict, key: str):

@@ -332,3 +332,32 @@ def test_evaluate_config_errors(tmp_path, tiny_voc):
         rescore.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "metric=map"))
     with pytest.raises(UserError, match=r"Main/val\.txt: cannot read"):  # a task variant passes, the split not
         rescore.run(compose_evaluate(f"detections={d}", f"data.voc_root={tiny_voc}", "task=voc-cls-demo", "split=val"))
+
+
+# -- SUN397: mean per-class accuracy --------------------------------------------------------------------------
+def test_class_accuracy_by_hand():
+    """a: 2 of 3 right, b: 1 of 2, c: 1 of 1, d: no test image (NaN, left out): mean (2/3 + 1/2 + 1) / 3."""
+    acc = ev.class_accuracy([0, 0, 0, 1, 1, 2], [0, 1, 0, 1, 0, 2], ["a", "b", "c", "d"])
+    assert list(acc) == ["a", "b", "c", "d"]
+    assert acc["a"] == pytest.approx(2 / 3) and acc["b"] == 0.5 and acc["c"] == 1.0 and math.isnan(acc["d"])
+    assert ev.mean_class_accuracy(acc) == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+    # per-class, not per-image: 9 of 10 images right (0.9) but one of the two classes always wrong
+    skewed = ev.class_accuracy([0] * 9 + [1], [0] * 10, ["big", "small"])
+    assert skewed == {"big": 1.0, "small": 0.0} and ev.mean_class_accuracy(skewed) == 0.5
+    assert math.isnan(ev.mean_class_accuracy(ev.class_accuracy([], [], ["a"])))
+
+
+def test_class_accuracy_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    labels, predicted = rng.integers(0, 7, 200), rng.integers(0, 7, 200)
+    labels[labels == 3] = 4  # class 3 has no test image
+    acc = ev.class_accuracy(labels, predicted, list("abcdefg"))
+    for c, name in enumerate("abcdefg"):
+        mine = [p == c for lab, p in zip(labels, predicted) if lab == c]
+        assert (math.isnan(acc[name]) and not mine) or acc[name] == pytest.approx(sum(mine) / len(mine))
+
+
+@pytest.mark.parametrize("labels, predicted", [([0, 1], [0]), ([0, 3], [0, 1]), ([0, 1], [0, -1])])
+def test_class_accuracy_refuses_mismatched_input(labels, predicted):
+    with pytest.raises(ValueError):
+        ev.class_accuracy(labels, predicted, ["a", "b", "c"])

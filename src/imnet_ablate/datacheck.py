@@ -27,10 +27,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, imagenet, inputs, store, voc_actions
+from . import datasets, imagenet, inputs, store, sun397, voc_actions
 from .errors import UserError
 
-WHAT = ("imagenet", "voc", "both", "voc2012")
+WHAT = ("imagenet", "voc", "both", "voc2012", "sun397")
 RULES = 2  # bump when a check changes: reports of unchanged trees made by older rules are not reused
 CHUNK = 256  # files per worker task: big enough to amortise the pickling, small enough to balance two cores
 
@@ -66,6 +66,7 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "unlisted": ("warning", "in no split file; never used"),
     **voc_actions.PROBLEMS,  # the VOC 2012 action devkit's (what=voc2012), checked by its reader
 }
+PROBLEMS |= sun397.PROBLEMS  # SUN397's own codes live with its reader
 # Image problems that make one file unusable: these are what known_bad() hands the subset builder.
 BAD_IMAGE = {"empty", "unreadable", "not-an-image", "truncated", "undecodable", "too-large"}
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -451,6 +452,12 @@ def check_voc(scan: VocScan, check: Check) -> tuple[list[Finding], dict[str, Any
     return findings, summary
 
 
+def check_sun397(scan: sun397.Scan, check: Check) -> tuple[list[Finding], dict[str, Any]]:
+    """The reader's findings (ClassName.txt, partitions, stray files) and every image decoded."""
+    found, modes = check_images("sun397", scan.root, scan.images, check)
+    return [Finding("sun397", *f) for f in scan.findings()] + found, scan.summary | {"modes": dict(modes)}
+
+
 def _size_mismatches(voc_root: Path, jpegs: dict[str, str], sizes: dict[str, tuple[int, int]]) -> list[Finding]:
     from PIL import Image
 
@@ -600,6 +607,9 @@ def check_all(scans: dict[str, Scan], check: Check) -> dict[str, Any]:
         found, modes = check_images("voc2012", scan.root, scan.images, check)
         findings += scan.findings + found
         summaries["voc2012"] = {"root": str(scan.root), "images": len(scan.images), "modes": dict(modes)}
+    if "sun397" in scans:
+        found, summaries["sun397"] = check_sun397(scans["sun397"], check)
+        findings += found
     return report(findings, summaries)
 
 
@@ -611,9 +621,12 @@ def _given_file(value: object) -> Path | None:
 def run(cfg: DictConfig) -> Path:
     """``ablate data check``: check, print the summary, write the report; exit 1 (after writing) on errors."""
     check = read_check(cfg)
-    scans: dict[str, Scan] = {}
+    scans: dict[str, Any] = {}
     spec: dict[str, Any] = {"what": check.what, "min_side": check.min_side, "max_pixels": check.max_pixels,
                             "rules": RULES}
+    if check.what == "sun397":
+        scans["sun397"] = sun397.scan(datasets.root(cfg, "sun397").resolve())
+        spec["sun397"] = str(scans["sun397"].root)
     if check.what in ("imagenet", "both"):
         root = datasets.root(cfg, "imagenet").resolve()
         val_dir, val_labels = str(cfg.data.get("val_dir") or "val"), cfg.data.get("val_labels")

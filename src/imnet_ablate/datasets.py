@@ -37,6 +37,12 @@ def _demo_actions(cfg_demo: DictConfig, cache: Path) -> Path:
     return demo_actions.ensure(_plain(cfg_demo), cache) / "VOCdevkit"
 
 
+def _demo_scenes(cfg_demo: DictConfig, cache: Path) -> Path:
+    from . import demo_sun397
+
+    return demo_sun397.ensure(_plain(cfg_demo), cache)
+
+
 def _plain(node: DictConfig | dict) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
@@ -47,6 +53,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset("voc2007", "voc_root", "voc", "VOCdevkit folder holding VOC2007/",
             lambda d, cache: _demo_pair(d, cache) / "VOCdevkit"),
     Dataset("voc2012", "voc2012_root", "voc2012", "VOCdevkit folder holding VOC2012/", _demo_actions),
+    Dataset("sun397", "sun397_root", "sun397", "folder holding SUN397/ (or SUN397/ itself)", _demo_scenes),
 ]}
 
 

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
@@ -79,19 +79,27 @@ def pair_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in params.items() if not isinstance(value, Mapping)}
 
 
-def parse_params(params: Mapping[str, Any]) -> DemoParams:
-    """Validated parameters; a bad value is a one-line ``UserError`` naming the ``data.demo`` key."""
-    given = pair_settings(params)
-    unknown = sorted(set(given) - set(MINIMUM))
+def read_section(section: Mapping[str, Any], minimum: Mapping[str, int], prefix: str) -> dict[str, int]:
+    """The integer settings ``minimum`` names, each checked against its lower bound; an unknown or bad one is a
+    one-line ``UserError`` naming ``<prefix>.<key>``. Nested sections belong to other generators and are skipped."""
+    given = pair_settings(section)
+    unknown = sorted(set(given) - set(minimum))
     if unknown:
-        raise UserError(f"data.demo.{unknown[0]}: unknown setting; expected one of {', '.join(MINIMUM)}")
+        raise UserError(f"{prefix}.{unknown[0]}: unknown setting; expected one of {', '.join(minimum)}")
     values = {}
-    for key, low in MINIMUM.items():
+    for key, low in minimum.items():
         value = given.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UserError(f"data.demo.{key}={value}: expected an integer >= {low}")
+            raise UserError(f"{prefix}.{key}={value}: expected an integer >= {low}")
         values[key] = value
-    return DemoParams(**values)
+    return values
+
+
+def parse_params(params: Mapping[str, Any]) -> DemoParams:
+    """Validated parameters; a bad value is a one-line ``UserError`` naming the ``data.demo`` key. Nested sections
+    (``data.demo.sun397``) belong to the other generated datasets: they neither enter this pair's folder hash nor
+    are checked here."""
+    return DemoParams(**read_section(params, MINIMUM, "data.demo"))
 
 
 # -- the hierarchy -> class traits ------------------------------------------------------------------------------
@@ -624,14 +632,19 @@ def sweep_stale(final: Path, max_age_s: float = STALE_TMP_S) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure(params: Mapping[str, Any], cache_dir: Path) -> Path:
-    """The demo folder for ``params`` (``imagenet/``, ``VOCdevkit/``, ``manifest.json``), generated if missing."""
-    spec = parse_params(params)
-    final = folder_for(params, cache_dir)
+def materialise(final: Path, write: Callable[[Path], None]) -> Path:
+    """``final``, filled by ``write`` (which puts ``manifest.json`` last) if it is not complete yet: written into a
+    temporary folder beside it and renamed into place, so a folder that exists is complete."""
     if (final / MANIFEST).is_file():
         return final
     sweep_stale(final)
     with scratch_dir(final.parent, f".{final.name}.tmp-") as tmp:
-        generate(spec, tmp, worker_count())
+        write(tmp)
         publish(tmp, final)
     return final
+
+
+def ensure(params: Mapping[str, Any], cache_dir: Path) -> Path:
+    """The demo folder for ``params`` (``imagenet/``, ``VOCdevkit/``, ``manifest.json``), generated if missing."""
+    spec = parse_params(params)
+    return materialise(folder_for(params, cache_dir), lambda tmp: generate(spec, tmp, worker_count()))

@@ -59,21 +59,11 @@ class ActionParams:
 
 def parse_params(params: Mapping[str, Any]) -> ActionParams:
     """``data.demo`` (its ``seed`` and ``voc2012`` section) validated; a one-line ``UserError`` names the key."""
-    seed, section = params.get("seed"), params.get(SECTION)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"data.demo.seed={seed}: expected an integer >= 0")
+    section = params.get(SECTION)
     if not isinstance(section, Mapping):
         raise UserError(f"data.demo.{SECTION}: missing; expected a section with {', '.join(MINIMUM)}")
-    unknown = sorted(set(section) - set(MINIMUM))
-    if unknown:
-        raise UserError(f"data.demo.{SECTION}.{unknown[0]}: unknown setting; expected one of {', '.join(MINIMUM)}")
-    values = {}
-    for key, low in MINIMUM.items():
-        value = section.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UserError(f"data.demo.{SECTION}.{key}={value}: expected an integer >= {low}")
-        values[key] = value
-    return ActionParams(seed=seed, **values)
+    seed = demo.read_section({"seed": params.get("seed")}, {"seed": 0}, "data.demo")
+    return ActionParams(**seed, **demo.read_section(section, MINIMUM, f"data.demo.{SECTION}"))
 
 
 # -- what each action looks like ------------------------------------------------------------------------------------
@@ -475,11 +465,4 @@ def generate(params: ActionParams, out: Path, workers: int) -> None:
 def ensure(params: Mapping[str, Any], cache_dir: Path | str) -> Path:
     """The demo VOC2012 folder for ``data.demo`` (``VOCdevkit/``, ``manifest.json``), generated if missing."""
     spec = parse_params(params)
-    final = folder_for(params, cache_dir)
-    if (final / demo.MANIFEST).is_file():
-        return final
-    demo.sweep_stale(final)
-    with demo.scratch_dir(final.parent, f".{final.name}.tmp-") as tmp:
-        generate(spec, tmp, demo.worker_count())
-        demo.publish(tmp, final)
-    return final
+    return demo.materialise(folder_for(params, cache_dir), lambda tmp: generate(spec, tmp, demo.worker_count()))

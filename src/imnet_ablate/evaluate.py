@@ -15,6 +15,9 @@ default metric for it is ``area``. The mean is over the 10 actions (``other`` is
 
 Metrics: ``voc07`` averages the maximum precision at recall >= t over MATLAB's ``0:0.1:1`` (see
 ``matlab_colon``); ``area`` is the VOC2010+ area under the monotone precision envelope (``VOCap.m``).
+SUN397 scene classification (single label): mean per-class accuracy (``class_accuracy``, ``mean_class_accuracy``).
+SUN397 has no results-file convention (its benchmark published no submission format), so ``ablate evaluate``
+reads none for it.
 
 Deliberate differences from the devkit, in degenerate cases only:
 - a class without non-difficult ground truth gets AP NaN (the devkit gives 0 for voc07, NaN for area) and is
@@ -101,10 +104,15 @@ def area_ap(rec: np.ndarray, prec: np.ndarray) -> float:
     return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
 
 
+def mean_defined(values: Mapping[str, float]) -> float:
+    """Mean over the classes with a defined value (NaN: no positives / no test images); NaN if none."""
+    defined = [v for v in values.values() if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
 def mean_ap(ap: Mapping[str, float]) -> float:
     """Mean over classes with a defined AP (NaN classes have no positives); NaN if none."""
-    values = [v for v in ap.values() if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+    return mean_defined(ap)
 
 
 # -- detection ----------------------------------------------------------------------------------------------------
@@ -273,6 +281,27 @@ def voc_action_ap(persons: Sequence[ActionPerson], scores: Mapping[str, np.ndarr
         ranked = gt[np.argsort(-s, kind="stable"), a]
         out[action] = ap_from_counts(ranked > 0, ranked < 0, int((gt[:, a] > 0).sum()), metric)
     return out
+# -- single-label classification (SUN397) -------------------------------------------------------------------------
+def class_accuracy(labels: Sequence[int] | np.ndarray, predicted: Sequence[int] | np.ndarray,
+                   classes: Sequence[str]) -> dict[str, float]:
+    """Per class, the fraction of its test images predicted as it (recall); NaN for a class without test images,
+    left out of :func:`mean_class_accuracy` as a class without positives is left out of the mAP."""
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    k = len(classes)
+    if labels.shape != predicted.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape}: expected two equal-length vectors")
+    if ((labels < 0) | (labels >= k) | (predicted < 0) | (predicted >= k)).any():
+        raise ValueError(f"labels and predictions must be class indices in [0, {k})")
+    total = np.bincount(labels, minlength=k)
+    correct = np.bincount(labels[labels == predicted], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = correct / total
+    return {c: float(a) for c, a in zip(classes, accuracy)}
+
+
+def mean_class_accuracy(accuracy: Mapping[str, float]) -> float:
+    """SUN397's metric: the mean of the per-class accuracies, so every category weighs the same."""
+    return mean_defined(accuracy)
 
 
 # -- COCO-style ---------------------------------------------------------------------------------------------------

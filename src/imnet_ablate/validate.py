@@ -169,6 +169,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("data.demo.voc_*", integer(2)),
     ("data.demo.voc2012.*_images", integer(1)),
     ("data.demo.voc2012.image_size", integer(32, 2048)),
+    ("data.demo.sun397.*_per_class", integer(1)),
+    ("data.demo.sun397.image_size", integer(16, 1024)),
     # subsets
     ("subset.images_per_class", optional(integer(1))),
     ("subset.num_classes", optional(integer(1, 1000))),
