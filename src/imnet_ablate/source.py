@@ -78,6 +78,21 @@ def source_of(cfg: DictConfig) -> Source:
     return Source(str(record["hash"]), folder.name, folder)
 
 
+def model_config(cfg: DictConfig, source: Source) -> DictConfig:
+    """The model config of the network ``source`` names, known without loading (or training) it."""
+    from omegaconf import OmegaConf
+
+    if source.key.startswith("torchvision"):
+        return OmegaConf.create(_torchvision_entry(cfg)[1].model)
+    if source.folder is not None and str(cfg.pretrain) != "subset":
+        try:
+            return OmegaConf.load(source.folder / "config.yaml").model
+        except Exception as e:  # OSError, YAML errors, a config without a model: not a pre-training folder
+            raise UserError(f"pretrain={cfg.pretrain}: {source.folder / 'config.yaml'} has no model config "
+                            f"({type(e).__name__}); expected a folder written by `ablate pretrain`") from e
+    return cfg.model
+
+
 def load_network(cfg: DictConfig, source: Source) -> models.Backbone:
     """The network ``source`` names; ``pretrain=subset`` trains it first unless its folder is finished."""
     import torch

@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from . import datasets, runtime
-from .source import Source, load_network, source_of
+from .models import skeleton
+from .source import Source, load_network, model_config, source_of
 from .store import Stage, atomic_write_json, atomic_write_text
 from .tasks import Task, TaskRun, task_for
 
@@ -43,6 +44,7 @@ def run(cfg: DictConfig) -> Path:
     st = stage_for(cfg, source, task)
     if st.is_done():
         return st.path
+    task.check_network(skeleton(model_config(cfg, source)))  # before any work: pre-training included
     backbone = load_network(cfg, source)
     roots = {name: datasets.root(cfg, name) for name in task.datasets}
     with st.lock():

@@ -18,7 +18,8 @@ from ..config import locate
 from ..errors import UserError
 from .backbone import MEAN, STD, Backbone, DetectionParts, normalize
 
-__all__ = ["BUILTIN", "MEAN", "STD", "Backbone", "DetectionParts", "build", "load_pretrained", "normalize"]
+__all__ = ["BUILTIN", "MEAN", "STD", "Backbone", "DetectionParts", "build", "check_name", "load_pretrained",
+           "normalize", "skeleton"]
 
 BUILTIN: dict[str, str] = {
     "alexnet": "imnet_ablate.models.alexnet:alexnet",
@@ -46,6 +47,15 @@ def build(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -> Backbo
         raise UserError(f"model._target_={check_name(model_cfg)}: returned {type(model).__name__}; expected an "
                         "imnet_ablate.models.Backbone")
     return model
+
+
+def skeleton(model_cfg: DictConfig | Mapping[str, Any]) -> Backbone:
+    """The network a model config builds, on PyTorch's ``meta`` device (no memory, no compute): for checking what
+    it offers (feature layers) before any work starts."""
+    import torch
+
+    with torch.device("meta"):
+        return build(model_cfg, 1)
 
 
 def load_pretrained(pretrain_dir: Path | str) -> tuple[Backbone, dict[str, Any]]:

@@ -106,6 +106,10 @@ class Task:
             if value is not None and value not in words:
                 raise UserError(f"task.{key}={value!r}: expected {' or '.join(map(repr, words))}")
 
+    def check_network(self, network: Any) -> None:
+        """Settings that depend on the network (a feature layer it must have), checked on its ``models.skeleton``
+        before any work (pre-training included) starts; by default nothing."""
+
     def run(self, run: TaskRun) -> Metrics:
         raise NotImplementedError
 

@@ -176,6 +176,10 @@ class VocAction(Task):
         spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
         return spec
 
+    def check_network(self, network: Backbone) -> None:
+        if self.cfg.protocol == "linear":
+            network.layer(self.cfg.feature)
+
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2012"]
         splits = {"train": voc_actions.load_split(root, task.train_split),

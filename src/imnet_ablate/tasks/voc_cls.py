@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from .. import evaluate, voc
 from ..evaluate import METRICS
+from ..models import Backbone
 from . import Metrics, Task, TaskRun, training
 
 PROTOCOLS = ("linear", "finetune")
@@ -71,6 +72,10 @@ class VocClassification(Task):
         spec = super().spec()
         spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
         return spec
+
+    def check_network(self, network: Backbone) -> None:
+        if self.cfg.protocol == "linear":
+            network.layer(self.cfg.feature)
 
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2007"]
