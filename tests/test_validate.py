@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from conftest import run_ablate
 from imnet_ablate.cli import COMMANDS
 from imnet_ablate.errors import UserError
-from imnet_ablate.experiments import compose
+from imnet_ablate.config import compose
 from imnet_ablate.validate import check, leaves, rule_for
 
 VARIANTS = [[], ["task=voc-det"], ["task=voc-det-demo"], ["task=voc-cls-demo"], ["loader=packed"], ["train=caffe"],

@@ -96,7 +96,6 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("train.compile", AUTO_SWITCH),
     ("train.channels_last", SWITCH),
     ("train.tensorboard", SWITCH),
-    ("train.progress", AUTO_SWITCH),
     ("train.schedule.unit", choice("epoch", "iteration")),
     ("train.budget", choice("same_epochs", "same_iterations")),
     ("train.augment", choice("crop", "resized_crop")),
@@ -127,7 +126,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("task.metric", choice(*METRICS)),  # else raised by the first AP, after the whole transfer training
     # packing, checking, benchmarking
     ("*.chunk_size", integer(1)),
-    ("*.progress", AUTO_SWITCH),
+    ("*progress", AUTO_SWITCH),
+    ("demo_sized", SWITCH),
     ("check.max_show", integer(1)),
     ("check.min_side", integer(1)),
     ("bench.width", integer(16)),
