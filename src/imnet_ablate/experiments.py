@@ -25,10 +25,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import sizing
 from .config import app_overrides
 from .errors import UserError
 from .progress import duration
-from . import sizing
 from .store import Stage, read_only, spec_hash
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,19 @@ def _idle_worker() -> None:
 
 
 def _run_stage(kind: str, container: dict[str, Any], tag: str, bars: bool) -> str:
-    """Worker entry: one stage in a single-threaded process, its log lines tagged; progress bars only when it is
-    the only worker (bars of parallel processes would overwrite each other)."""
-    import importlib
+    """Worker entry: one stage (Ctrl-C reaches it from the first line on) in a single-threaded process."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        import importlib
 
+        return str(importlib.import_module(f"imnet_ablate.{kind}").run(_worker_config(container, tag, bars)))
+    finally:
+        _idle_worker()
+
+
+def _worker_config(container: dict[str, Any], tag: str, bars: bool) -> DictConfig:
+    """One thread, log lines tagged with the stage, progress bars only when it is the only worker (bars of
+    parallel processes would overwrite each other)."""
     import torch
 
     from . import progress
@@ -214,12 +223,7 @@ def _run_stage(kind: str, container: dict[str, Any], tag: str, bars: bool) -> st
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag.replace('%', '%%')}] %(name)s: "
                                                "%(message)s", "%H:%M:%S"))
     progress.configure(container.get("progress", "auto") if bars else False, tag)
-    module = importlib.import_module(f"imnet_ablate.{kind}")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return str(module.run(OmegaConf.create(container)))
-    finally:
-        _idle_worker()
+    return OmegaConf.create(container)
 
 
 def worker_count(cfg: DictConfig) -> int:
