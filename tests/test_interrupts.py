@@ -54,7 +54,8 @@ def read_all(master: int, into: bytearray) -> None:
         into.extend(chunk)
 
 
-def test_terminal_bar_then_ctrl_c_checkpoints_that_step_and_the_rerun_resumes_there(tiny_subset, tmp_path):  # noqa: F811
+def test_terminal_bar_then_ctrl_c_checkpoints_that_step_and_the_rerun_resumes_there(tiny_subset,  # noqa: F811
+                                                                                     tmp_path):
     # 20 epochs of 16 steps, no periodic checkpoint inside an epoch: only Ctrl-C can checkpoint mid-epoch
     args = pretrain_overrides(tiny_subset, tmp_path, "train.batch_size=4", "train.schedule.length=20",
                               "train.schedule.step_every=15", "train.checkpoint_every=1000", "train.log_every=1000")

@@ -24,7 +24,8 @@ def test_presets_keep_the_fraction_of_each_class_they_keep_on_imagenet():
     (["task=voc-det-demo"], [], "voc-det-demo"),
     (["subset=budget-1000x500"], ["task=voc-cls-demo", "subset.budget.images_per_class=12"], "voc-cls-demo"),
     (["subset=250pc", "subset.images_per_class=100"], ["task=voc-cls-demo"], "voc-cls-demo"),  # typed: kept
-    (["subset=budget-1000x500", "subset.budget={classes:10,images_per_class:2}"], ["task=voc-cls-demo"], "voc-cls-demo"),
+    (["subset=budget-1000x500", "subset.budget={classes:10,images_per_class:2}"], ["task=voc-cls-demo"],
+     "voc-cls-demo"),
     (["task=voc-det", "subset=250pc", "demo_sized=false"], [], "voc-det"),
     (["task=voc-det", "subset=250pc", "data=imagenet", "data.root=/data/imagenet", "data.voc_root=/data/voc"], [],
      "voc-det"),
