@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides
+from conftest import REPO, run_ablate, run_dir_of
 from imnet_ablate import transfer
 from imnet_ablate.interrupts import Interrupted
 from test_pretrain import overrides as pretrain_overrides
