@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
     proc = run_ablate("run", *args(demo_cache, tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert stages_line(proc.stdout) == (3, 0)  # one pre-training, two transfers (pre-trained and scratch)
+    # each stage's first line says what runs and the plan's estimate; its own lines carry its tag
+    assert re.search(r"\[pretrain full seed 0\] start: pre-train alexnet_small \(train=demo\) on subset x16-\w{12} "
+                     r"-> .*; the plan estimates no time \(none of its recipe has finished yet\)", proc.stderr)
+    assert re.search(r"INFO \[pretrain full seed 0\] imnet_ablate.pretrain: training ", proc.stderr)
+    assert re.search(r"INFO \[voc-cls-demo scratch seed 0\] imnet_ablate.transfer: transfer voc-cls from scratch",
+                     proc.stderr)
     out = run_dir_of(proc)
     assert out == tmp_path / "results" / "demo"
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| voc-cls")]
@@ -47,6 +54,17 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
 
     plan = run_ablate("run", *args(demo_cache, tmp_path, "plan=true"))
     assert plan.returncode == 0 and "3 done, 0 to run" in plan.stdout
+
+    # estimates come from finished stages of the same recipe: seed 1 of the same stages is timed, voc-det is not
+    more = run_ablate("run", *args(demo_cache, tmp_path, "plan=true", "seeds=2", "tasks=[voc-cls,voc-det]"))
+    assert more.returncode == 0, more.stderr[-3000:]
+    todo = {tuple(row.split()[1:5]): row.split()[5] for row in more.stdout.splitlines() if row.startswith("todo ")}
+    assert len(todo) == 7 and all(todo[("transfer", s, "voc-det-demo", d)] == "unknown"
+                                  for s in ("full", "scratch") for d in "01"), todo
+    timed = [("pretrain", "full", "-", "1"), ("transfer", "full", "voc-cls-demo", "1"),
+             ("transfer", "scratch", "voc-cls-demo", "1")]
+    assert all(re.fullmatch(r"~\d+:\d\d", todo[k]) for k in timed), todo
+    assert "3 done, 7 to run; about " in more.stdout and "for 3 of them" in more.stdout and "; 4 unknown" in more.stdout
 
 
 def test_report_lists_missing_runs_instead_of_failing(demo_cache, tmp_path):

@@ -28,6 +28,7 @@ class Command(NamedTuple):
     target: str  # "module:function", imported only when the command runs
     help: str
     examples: tuple[str, ...] = ()  # shown by `ablate <command> --help`; the tests check that each one composes
+    sized: bool = False  # on the demo data, its task and subset are demo-sized (sizing.py)
 
 
 COMMANDS: dict[str, Command] = {
@@ -36,7 +37,7 @@ COMMANDS: dict[str, Command] = {
         "ablate subset subset=wordnet-127 data=imagenet data.root=/data/imagenet",
         "ablate subset subset=250pc subset.images_per_class=100 subset.seed=1",
         "ablate subset -m subset=500pc,250pc,125pc",
-    )),
+    ), sized=True),
     "classes": Command("classes", "imnet_ablate.subsets:show_classes",
                        "list a subset's classes and exclusions by name", (
                            "ablate classes subset=wordnet-127",
@@ -55,20 +56,21 @@ COMMANDS: dict[str, Command] = {
     "pack": Command("pack", "imnet_ablate.pack:run", "pack a training set into one fast-loading store", (
         "ablate pack",
         "ablate pack data=imagenet data.root=/data/imagenet pack.short_side=256 pack.quality=90",
-    )),
+    ), sized=True),
     "pretrain": Command("pretrain", "imnet_ablate.pretrain:run", "pre-train a network on a subset", (
         "ablate pretrain subset=250pc",
         "ablate pretrain -m subset=500pc,250pc,125pc",
         "ablate pretrain subset=wordnet-127 model=alexnet train=caffe data=imagenet data.root=/data/imagenet",
         "ablate pretrain train.devices=4 loader=packed",
-    )),
+    ), sized=True),
     "transfer": Command("transfer", "imnet_ablate.transfer:run", "transfer a pre-trained network to a task", (
         "ablate transfer task=voc-cls-demo subset=250pc",
         "ablate transfer task=voc-det-demo pretrain=scratch",
         "ablate transfer task=voc-cls task.protocol=finetune",
         "ablate transfer pretrain=results/runs/pretrain/250pc-alexnet_small-0123456789ab",
         "ablate transfer -m seed=0,1,2",
-    )),
+        "ablate transfer task=voc-det demo_sized=false",
+    ), sized=True),
     "evaluate": Command("evaluate", "imnet_ablate.rescore:run", "score a task's results files (devkit format)", (
         "ablate evaluate task=voc-det detections=my_detections/ data.voc_root=/data/VOCdevkit",
         "ablate evaluate task=voc-cls detections=my_scores/ data.voc_root=/data/VOCdevkit metric=area",
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd, label = COMMANDS[name], f"ablate {name}"
         if "--help" in rest or "-h" in rest:
             overrides.check(name, cmd.config, [a for a in rest if a not in ("--help", "-h")])
-            return page(help.render(name, cmd.help, cmd.config, cmd.examples, rest))
+            return page(help.render(name, cmd.help, cmd.config, cmd.examples, rest, cmd.sized))
         overrides.check(name, cmd.config, rest)
     except UserError as e:
         print(f"{label}: error: {e}", file=sys.stderr)
@@ -150,16 +152,21 @@ def run_hydra(name: str, cmd: Command, overrides: list[str]) -> None:
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=cmd.config)
     def task(cfg: DictConfig) -> str:
+        from . import interrupts, progress, sizing
         from .validate import check
 
         try:
             check(cfg)
-            run_dir = locate(cmd.target, f"command {name!r}")(cfg)
+            sized = sizing.in_app(cmd.config, cfg) if cmd.sized else cfg
+            if sized is not cfg:
+                check(sized)
+            progress.configure(sized.get("progress", "auto"))
+            run_dir = locate(cmd.target, f"command {name!r}")(sized)
         except UserError as e:
             print(f"ablate {name}: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            print(f"ablate {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            print(f"ablate {name}: interrupted: {interrupts.message(e)}", file=sys.stderr)
             sys.exit(130)
         sys.stdout.flush()
         print(f"run_dir: {run_dir}", flush=True)

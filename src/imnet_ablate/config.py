@@ -51,6 +51,17 @@ def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Dict
         raise UserError(one_line(e)) from e
 
 
+def app_overrides() -> list[str]:
+    """The running command's overrides as typed (one job's, in a sweep) and its ``hydra.searchpath`` (where a user's
+    own presets live): what composing one of its configs again needs. Empty outside a running command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    typed = HydraConfig.get().overrides
+    return [*typed.task, *(o for o in typed.hydra if o.startswith("hydra.searchpath="))]
+
+
 def locate(target: str, key: str) -> Any:
     """The object a ``_target_`` names: ``package.module.name`` (Hydra's form) or ``package.module:name``.
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import datasets, imagenet, inputs, store, sun397, voc_actions
 from .errors import UserError
+from .progress import Progress
 
 WHAT = ("imagenet", "voc", "both", "voc2012", "sun397")
 RULES = 2  # bump when a check changes: reports of unchanged trees made by older rules are not reused
@@ -392,10 +393,13 @@ def check_images(dataset: str, root: Path, rels: list[str], check: Check) -> tup
     """Decode every image in parallel; (findings, count of PIL modes)."""
     findings, modes = [], Counter()
     tasks = [(dataset, str(root), chunk, check.min_side, check.max_pixels) for chunk in _chunks(rels)]
+    bar = Progress(len(rels), f"{dataset} images", "img")
     for results in _pool_map(_check_images_chunk, tasks, check.workers):
         for found, mode, _ in results:
             findings += found
             modes[mode or "unusable"] += 1
+        bar.update(len(results))
+    bar.close()
     return findings, modes
 
 
@@ -432,11 +436,14 @@ def check_voc(scan: VocScan, check: Check) -> tuple[list[Finding], dict[str, Any
     findings = list(scan.findings)
     sizes: dict[str, tuple[int, int]] = {}
     tasks = [(str(scan.root), chunk) for chunk in _chunks(sorted(scan.xmls.values()))]
+    bar = Progress(len(scan.xmls), "voc annotations", "file")
     for results in _pool_map(_check_xml_chunk, tasks, check.workers):
         for rel, size, found in results:
             findings += found
             if size is not None:
                 sizes[Path(rel).stem] = size
+        bar.update(len(results))
+    bar.close()
     prefix = scan.prefix
     listed = {i for ids in scan.splits.values() for i in ids}
     for split, ids in scan.splits.items():

@@ -18,12 +18,13 @@ import contextlib
 import functools
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -36,7 +37,10 @@ from PIL import Image
 from . import wordnet
 from .errors import UserError
 from . import store
+from .progress import Progress
 from .store import spec_hash
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
@@ -552,19 +556,24 @@ def start_method() -> str:
 
 def run_units(out: Path, params: DemoParams, workers: int) -> tuple[int, dict[str, list[VocObject]]]:
     """Write all images (in parallel when ``workers`` > 1); returns the ImageNet count and the VOC objects."""
-    n_scenes = params.voc_trainval + params.voc_test
+    per_class = params.train_per_class + params.val_per_class
     class_units = chunks(range(len(wordnet.load().classes)), 25)
-    scene_units = chunks(range(n_scenes), 100)
-    if workers == 1:
-        images = sum(write_classes(out, params, unit) for unit in class_units)
-        scenes = [write_scenes(out, params, unit) for unit in scene_units]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context(start_method())) as pool:
-            image_jobs = [pool.submit(write_classes, out, params, unit) for unit in class_units]
-            scene_jobs = [pool.submit(write_scenes, out, params, unit) for unit in scene_units]
-            images = sum(job.result() for job in image_jobs)
-            scenes = [job.result() for job in scene_jobs]
-    return images, {k: v for unit in scenes for k, v in unit.items()}
+    units = [(write_classes, unit, len(unit) * per_class) for unit in class_units]
+    units += [(write_scenes, unit, len(unit)) for unit in chunks(range(params.voc_trainval + params.voc_test), 100)]
+    with Progress(sum(n for _, _, n in units), "demo data", "img") as bar:
+        if workers == 1:
+            results = []
+            for write, unit, n in units:
+                results.append(write(out, params, unit))
+                bar.update(n)
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context(start_method())) as pool:
+                jobs = {pool.submit(write, out, params, unit): n for write, unit, n in units}
+                for job in as_completed(jobs):
+                    bar.update(jobs[job])
+                results = [job.result() for job in jobs]
+    images, scenes = results[:len(class_units)], results[len(class_units):]
+    return sum(images), {k: v for unit in scenes for k, v in unit.items()}
 
 
 def manifest(params: DemoParams, images: int, objects: dict[str, list[VocObject]]) -> dict[str, Any]:
@@ -639,6 +648,7 @@ def materialise(final: Path, write: Callable[[Path], None]) -> Path:
         return final
     sweep_stale(final)
     with scratch_dir(final.parent, f".{final.name}.tmp-") as tmp:
+        log.info("generating the demo data in %s (once; later commands reuse it)", final)
         write(tmp)
         publish(tmp, final)
     return final

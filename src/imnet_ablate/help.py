@@ -2,7 +2,8 @@
 
 It shows only the groups the command uses, with each preset's description (its file's header comment), every key
 with its current value and its one-line comment from the YAML, and the command's examples from ``cli.COMMANDS``.
-Overrides given with ``--help`` are applied first, so ``ablate transfer task=voc-det --help`` shows voc-det's keys.
+Overrides given with ``--help`` are applied first, and on the demo data a stage command's page shows what it would
+run (``sizing``): ``ablate transfer task=voc-det --help`` shows voc-det-demo's keys and says so.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from . import conftree, overrides
+from . import conftree, overrides, sizing
 from .config import compose
 
 WIDTH = 118  # characters per line: longer comments are cut after their first sentence, or at the width
@@ -91,10 +92,13 @@ def group_lines(used: Mapping[str, str], group_comments: Mapping[str, str]) -> l
     return lines
 
 
-def render(name: str, summary: str, config: str, examples: Sequence[str], args: list[str]) -> str:
-    """The help page of ``ablate <name>`` (``args``: the overrides typed with ``--help``)."""
+def render(name: str, summary: str, config: str, examples: Sequence[str], args: list[str], sized: bool = False
+           ) -> str:
+    """The help page of ``ablate <name>`` (``args``: the overrides typed with ``--help``; ``sized``: the command
+    runs demo-sized recipes on the demo data)."""
     given = overrides.split_args(args).overrides
-    composed = compose(config, given, hydra=True)
+    composed, resized = sizing.compose(config, given, hydra=True) if sized else \
+        (compose(config, given, hydra=True), sizing.Sizing())
     order = list(composed.keys())
     used = dict(sorted(overrides.choices(composed).items(),
                        key=lambda gc: order.index(gc[0]) if gc[0] in order else len(order)))
@@ -106,6 +110,8 @@ def render(name: str, summary: str, config: str, examples: Sequence[str], args: 
              f"usage: ablate {name} [group=preset ...] [key=value ...] [-m] [--cfg job] [--hydra-help]"]
     if about:
         lines += ["", *(f"  {line}" for line in about.splitlines())]
+    if resized.note:
+        lines += ["", f"  {resized.note}"]
     if examples:
         lines += ["", "examples:", *(f"  {e}" for e in examples)]
     if used:

@@ -72,8 +72,13 @@ def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
 
 def choices(cfg: DictConfig) -> dict[str, str]:
     """Group -> chosen preset of a config composed with ``hydra=True``, without Hydra's own groups."""
-    picked = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    return {g: c for g, c in picked.items() if not g.startswith("hydra/") and c is not None}
+    return picked(cfg.hydra.runtime.choices)
+
+
+def picked(runtime_choices: Any) -> dict[str, str]:
+    """Hydra's ``runtime.choices`` (of a composed config, or of a running app) without Hydra's own groups."""
+    plain = OmegaConf.to_container(runtime_choices) if OmegaConf.is_config(runtime_choices) else dict(runtime_choices)
+    return {g: c for g, c in plain.items() if not g.startswith("hydra/") and c is not None}
 
 
 def dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:

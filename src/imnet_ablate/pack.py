@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from . import inputs, loaders
 from .errors import UserError
+from .progress import Progress
 from .store import Stage, atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,6 @@ def pack(root: Path, listing: Sequence[tuple[str, str]], out: Path, short_side: 
          max_pixels: int = inputs.DEFAULT_MAX_PIXELS) -> dict:
     """Encode ``listing`` (paths relative to ``root``) into the store files in ``out``; resumes from finished
     chunks. Returns the counts written to the manifest."""
-    from tqdm import tqdm
-
     chunks = out / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
     parts = [list(listing[i:i + chunk_size]) for i in range(0, len(listing), chunk_size)]
@@ -158,8 +157,7 @@ def pack(root: Path, listing: Sequence[tuple[str, str]], out: Path, short_side: 
     if len(todo) < len(parts):
         log.info("resuming %s: %d of %d chunks already packed", out, len(parts) - len(todo), len(parts))
     jobs = [(str(root), str(chunks), k, parts[k], short_side, quality, max_pixels) for k in todo]
-    bar = tqdm(total=len(listing), initial=len(listing) - sum(len(parts[k]) for k in todo), unit="img",
-               desc="pack", disable=not progress, mininterval=2.0)
+    bar = Progress(len(listing), "pack", "img", len(listing) - sum(len(parts[k]) for k in todo), enabled=progress)
     if workers > 1 and len(jobs) > 1:
         ctx = mp.get_context("forkserver")  # no fork of a threaded parent (the stage lock's heartbeat)
         ctx.set_forkserver_preload([__name__])  # import torch & co once in the server, not in every worker

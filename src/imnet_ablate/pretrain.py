@@ -4,8 +4,8 @@ The folder ``<runs>/pretrain/<subset>-<model>-<hash>`` is keyed by the subset's 
 the seed. A finished folder is reused; an interrupted one resumes from ``checkpoint.pt`` (model, optimizer,
 scheduler, scaler, every rank's RNG states, epoch and position in it). Image order and augmentation are functions of
 (seed, epoch, index) (see ``loaders``), so with ``train.deterministic=true`` a resumed CPU run ends with exactly the
-weights of an uninterrupted one. SIGTERM / SIGUSR1 (a scheduler's preemption warning) checkpoint at the next step
-and exit with status 130; rerunning the command resumes.
+weights of an uninterrupted one. Ctrl-C, SIGTERM and SIGUSR1 (a scheduler's preemption warning) checkpoint the current
+step and exit with status 130, saying where the rerun resumes (``interrupts``); rerunning the command resumes.
 """
 from __future__ import annotations
 
@@ -29,11 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from . import loaders, models, pack, runtime, store
 from .config import conf_dir
 from .errors import UserError
+from .interrupts import Interrupted, StopRequest, resume_note, resumes_with
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,6 @@ OUTPUTS = ["config.yaml", "metrics.csv", "metrics.json", "checkpoint.pt", "model
 METRICS = ["epoch", "iteration", "loss", "top1", "top5", "val_loss", "lr", "images_per_s"]
 # train.* keys that change how a run is operated, not what it computes: kept out of the folder hash.
 OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_every", "compile")
-# SIGTERM: preemption / scontrol requeue / Ctrl-C of a launcher; SIGUSR1: a plain sbatch --signal; SIGUSR2:
-# submitit's time-limit warning (its own handler, called after our checkpoint, requeues the job).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_POLL = 10  # with several processes, agree on a stop every this many steps (each agreement syncs the GPU)
 CHECKPOINT_KEYS = ("stage_hash", "world", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "pos",
                    "iteration", "history", "stats")
@@ -205,26 +203,6 @@ def all_sum(values: list[float], ctx: Context) -> list[float]:
     return t.tolist()
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag the loop checks at each step boundary (then checkpoints and exits)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for s in STOP_SIGNALS:
-            self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 # -- outputs ----------------------------------------------------------------------------------------------------
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
@@ -310,7 +288,7 @@ def relaunch(cfg: DictConfig, stage: store.Stage) -> Path:
     if proc.returncode == 0:
         return stage.path
     if forwarded or proc.returncode == 130:
-        raise KeyboardInterrupt
+        raise Interrupted(resume_note(stage.path))
     raise UserError(f"train.devices={n}: torchrun exited with status {proc.returncode}; see the errors above and "
                     f"{stage.path / 'log.txt'}")
 
@@ -338,7 +316,7 @@ class Training:
     batch: int  # per process
     max_bad: float  # unreadable images allowed per process
     tb: Any
-    show: bool  # tqdm bar
+    show: bool  # this process shows progress (rank 0)
     pin: bool  # pinned host memory for batches
     epoch: int = 0
     pos: int = 0  # steps done in the current epoch
@@ -390,7 +368,7 @@ def setup_training(cfg: DictConfig, stage: store.Stage, folder: Path, num_classe
         torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "off"),
         batch, float(cfg.loader.max_bad_fraction) * len(train_ds) / ctx.world,
         tensorboard(stage.path) if t.tensorboard and ctx.main else None,
-        ctx.main and (t.progress is True or (t.progress == "auto" and sys.stderr.isatty())), pin)
+        ctx.main, pin)
     ckpt = load_checkpoint(stage, ctx)
     if ckpt is not None:
         with store.restoring(stage.path / "checkpoint.pt", "a pre-training checkpoint", RESTART):
@@ -399,7 +377,8 @@ def setup_training(cfg: DictConfig, stage: store.Stage, folder: Path, num_classe
             tr.epoch, tr.pos, tr.it, tr.history, tr.stats = (ckpt[k] for k in ("epoch", "pos", "iteration",
                                                                                  "history", "stats"))
             runtime.set_rng_state(ckpt["rng"][ctx.rank], dev)
-        log.info("resuming %s at epoch %d, step %d of the epoch (iteration %d)", stage.path, tr.epoch, tr.pos, tr.it)
+        log.info("resuming %s with iteration %d of %d (epoch %d of %d, step %d of %d)", stage.path, tr.it + 1,
+                 plan.total_iters, tr.epoch + 1, plan.epochs, tr.pos + 1, plan.iters_per_epoch)
     else:
         torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks
         log.info("training %s: %d images, %d classes, %s; %d iterations (%d epochs of %d), lr /%g every %d",
@@ -417,9 +396,8 @@ def train_one_epoch(tr: Training, stop: StopRequest) -> tuple[torch.Tensor, list
     tr.net.train()
     t0, seen0, bad_paths = time.perf_counter(), tr.stats["images"], []
     loss_sum = torch.tensor(tr.stats["loss_sum"], dtype=torch.float64, device=dev)  # no per-step GPU sync
-    bar = tqdm(total=tr.plan.iters_per_epoch, initial=tr.pos, desc=f"epoch {tr.epoch + 1}/{tr.plan.epochs}",
-               unit="img", unit_scale=tr.batch * ctx.world, disable=not tr.show, mininterval=1.0,
-               dynamic_ncols=True)  # counts steps, shows images and images/s
+    bar = Progress(tr.plan.iters_per_epoch, f"epoch {tr.epoch + 1}/{tr.plan.epochs}", "img", tr.pos,
+                   tr.batch * ctx.world, tr.show)  # counts steps, shows images and images/s
     size = int(tr.cfg.model.input_size)
     for images, labels, bad in tr.loader:
         if tr.it >= tr.plan.total_iters:
@@ -447,18 +425,21 @@ def train_one_epoch(tr: Training, stop: StopRequest) -> tuple[torch.Tensor, list
         bar.update()
         if tr.it % int(t.log_every) == 0:
             rate = (tr.stats["images"] - seen0) * ctx.world / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+            bar.note(loss=f"{loss.item():.3f}")
             log.info("it %d/%d epoch %d loss %.4f lr %.3g %.0f img/s", tr.it, tr.plan.total_iters, tr.epoch + 1,
                      loss.item(), tr.scheduler.get_last_lr()[0], rate)
             if tr.tb:
                 tr.tb.add_scalar("train/loss", loss.item(), tr.it)
         if (ctx.world == 1 or tr.it % STOP_POLL == 0) and flag(stop.signum is not None, ctx):
             tr.save(float(loss_sum))
-            log.warning("stop signal: checkpointed at iteration %d; rerun the command to resume", tr.it)
-            previous = stop.previous.get(stop.signum) if stop.signum is not None else None
-            if ctx.main and callable(previous):  # e.g. submitit's requeue; rank 0 only, once per job
-                previous(stop.signum, None)
-            raise KeyboardInterrupt
+            bar.close()
+            note = (f"{stop.name or 'stop signal'}: checkpointed {tr.stage.path} after iteration {tr.it} (epoch "
+                    f"{tr.epoch + 1} of {tr.plan.epochs}, step {tr.pos} of {tr.plan.iters_per_epoch}); "
+                    f"{resumes_with(tr.it, tr.plan.total_iters)}")
+            log.warning(note)
+            if ctx.main:  # e.g. submitit's requeue; rank 0 only, once per job
+                stop.pass_on()
+            raise Interrupted(note)
         if tr.it % int(t.checkpoint_every) == 0:
             tr.save(float(loss_sum))
     bar.close()
@@ -523,7 +504,9 @@ def evaluate(net: torch.nn.Module, model: models.Backbone, loader: torch.utils.d
     k = min(5, num_classes)
     totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-k hits, images
     bad: list[str] = []
+    bar = Progress(len(loader), "validation", "batch", enabled=ctx.main)
     for images, labels, bad_batch in loader:
+        bar.update()
         bad += bad_batch
         if not len(labels):
             continue
@@ -534,6 +517,7 @@ def evaluate(net: torch.nn.Module, model: models.Backbone, loader: torch.utils.d
         hits = logits.topk(k, dim=1).indices == y[:, None]
         totals = [a + b for a, b in zip(totals, [F.cross_entropy(logits, y, reduction="sum").item(),
                                                  hits[:, 0].sum().item(), hits.any(1).sum().item(), len(y)])]
+    bar.close()
     if bad:
         log.warning("validation: skipped %d unreadable images (first: %s)", len(bad), ", ".join(bad[:5]))
     loss, top1, topk, n = all_sum(totals, ctx)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .interrupts import working
 from .store import atomic_torch_save, load_torch
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,11 @@ def cpu_count() -> int:
 
 @contextlib.contextmanager
 def log_to(path: Path, enabled: bool = True) -> Iterator[None]:
-    """Append this process's log records to a stage's ``log.txt`` (kept across resumes) while the stage runs."""
+    """Append this process's log records to a stage's ``log.txt`` (kept across resumes) while the stage runs; the
+    stage counts as at work (an interrupt's message says where its rerun resumes)."""
     if not enabled:
-        yield
+        with working(path.parent):
+            yield
         return
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -50,7 +53,8 @@ def log_to(path: Path, enabled: bool = True) -> Iterator[None]:
     if root.level > logging.INFO:
         root.setLevel(logging.INFO)
     try:
-        yield
+        with working(path.parent):
+            yield
     finally:
         root.removeHandler(handler)
         handler.close()

@@ -201,7 +201,6 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("train.compile", AUTO_SWITCH),
     ("train.channels_last", SWITCH),
     ("train.tensorboard", SWITCH),
-    ("train.progress", AUTO_SWITCH),
     # loaders
     ("*.num_workers", either("auto", integer(0))),
     ("check.workers", either("auto", integer(1))),
@@ -234,7 +233,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("coco", SWITCH),
     # packing, checking, benchmarking
     ("*.chunk_size", integer(1)),
-    ("*.progress", AUTO_SWITCH),
+    ("*progress", AUTO_SWITCH),
+    ("demo_sized", SWITCH),
     ("check.max_show", integer(1)),
     ("check.min_side", integer(1)),
     ("bench.width", integer(16)),

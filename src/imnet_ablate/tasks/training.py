@@ -2,7 +2,8 @@
 iteration-based SGD loop that resumes from its checkpoint.
 
 Batches and augmentation depend only on ``(seed, iteration)`` (``batch_indices``, ``iteration_generator``), so a run
-resumed from ``checkpoint.pt`` replays exactly the batches of an uninterrupted one.
+resumed from ``checkpoint.pt`` replays exactly the batches of an uninterrupted one. Ctrl-C or SIGTERM checkpoints the
+current iteration and says where the rerun resumes (``interrupts``); every long step shows its progress.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from torch import nn
 from .. import runtime
 from ..errors import UserError
 from ..inputs import DEFAULT_MAX_PIXELS
+from ..interrupts import Interrupted, StopRequest, resumes_with
 from ..loaders import decode
+from ..progress import Progress
 from ..store import atomic_torch_save, load_torch, restoring
 from . import TaskRun
 
@@ -45,8 +48,12 @@ def load_resized(paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX
     def one(path: Path) -> torch.Tensor:
         return TF.resize(read_image(path, max_pixels), [size, size], antialias=True)
 
-    with ThreadPoolExecutor(workers) as pool:
-        return torch.stack(list(pool.map(one, paths)))
+    images = []
+    with ThreadPoolExecutor(workers) as pool, Progress(len(paths), "read images", "img") as bar:
+        for image in pool.map(one, paths):
+            images.append(image)
+            bar.update()
+    return torch.stack(images)
 
 
 def random_crop_flip(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
@@ -75,8 +82,12 @@ def extract_features(backbone: nn.Module, x: torch.Tensor, layer: str, device: t
                      ) -> torch.Tensor:
     """Features of uint8 images at ``layer`` (``Backbone.features``), in eval mode, on the CPU as float32."""
     backbone.eval().to(device)
-    return torch.cat([backbone.features(backbone.normalize(chunk.to(device)), layer).float().cpu()
-                      for chunk in x.split(batch)])
+    out = []
+    with Progress(len(x), f"{layer} features", "img") as bar:
+        for chunk in x.split(batch):
+            out.append(backbone.features(backbone.normalize(chunk.to(device)), layer).float().cpu())
+            bar.update(len(chunk))
+    return torch.cat(out)
 
 
 def cached_features(run: TaskRun, split: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -137,30 +148,43 @@ def sgd(groups: list[dict[str, Any]], opt_cfg: DictConfig) -> tuple[torch.optim.
 def train_steps(run: TaskRun, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, iterations: int,
                 step: Step, every: DictConfig) -> None:
     """``iterations`` SGD updates of ``model`` on the summed losses of ``step(iteration)``, resuming from (and
-    writing every ``every.checkpoint_every`` iterations, and at the end) ``checkpoint.pt``: model, optimizer,
-    schedule, iteration and every random stream."""
+    writing every ``every.checkpoint_every`` iterations, at the end, and on Ctrl-C / SIGTERM) ``checkpoint.pt``:
+    model, optimizer, schedule, iteration and every random stream."""
     path = run.stage.path / "checkpoint.pt"
-    start = _resume(path, model, optimizer, scheduler, run.device)
-    for it in range(start, iterations):
-        losses = step(it)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if (it + 1) % every.log_every == 0:
-            parts = f" ({' '.join(f'{k} {v.item():.3f}' for k, v in losses.items())})" if len(losses) > 1 else ""
-            log.info("iter %d/%d loss %.4f%s lr %.2g", it + 1, iterations, loss.item(), parts,
-                     scheduler.get_last_lr()[0])
-        if (it + 1) % every.checkpoint_every == 0 or it + 1 == iterations:
-            runtime.save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict(), "iteration": it + 1,
-                                           "rng": runtime.rng_state(run.device)})
+    start = _resume(path, model, optimizer, scheduler, run.device, iterations)
+
+    def save(done: int) -> None:
+        runtime.save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "iteration": done,
+                                       "rng": runtime.rng_state(run.device)})
+
+    with StopRequest() as stop, Progress(iterations, "train", "it", start) as bar:
+        for it in range(start, iterations):
+            losses = step(it)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update()
+            if (it + 1) % every.log_every == 0:
+                parts = f" ({' '.join(f'{k} {v.item():.3f}' for k, v in losses.items())})" if len(losses) > 1 else ""
+                bar.note(loss=f"{loss.item():.3f}")
+                log.info("iter %d/%d loss %.4f%s lr %.2g", it + 1, iterations, loss.item(), parts,
+                         scheduler.get_last_lr()[0])
+            if (it + 1) % every.checkpoint_every == 0 or it + 1 == iterations or stop.signum is not None:
+                save(it + 1)
+            if stop.signum is not None:
+                bar.close()
+                note = f"{stop.name}: checkpointed {run.stage.path} after iteration {it + 1}; " \
+                       f"{resumes_with(it + 1, iterations)}"
+                log.warning(note)
+                raise Interrupted(note)
 
 
-def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
-            ) -> int:
-    """Restore a run interrupted mid-training; returns the iteration to continue from (0 if none)."""
+def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+            iterations: int) -> int:
+    """Restore a run interrupted mid-training; returns the number of iterations already done (0 if none)."""
     what = "a transfer checkpoint"
     state = runtime.load_checkpoint(path, what, ("model", "optimizer", "scheduler", "iteration", "rng"))
     if state is None:
@@ -170,6 +194,6 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sche
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         runtime.set_rng_state(state["rng"], device)
-        iteration = int(state["iteration"])
-    log.info("resuming from %s at iteration %d", path, iteration)
-    return iteration
+        done = int(state["iteration"])
+    log.info("resuming from %s with iteration %d of %d", path, done + 1, iterations)
+    return done

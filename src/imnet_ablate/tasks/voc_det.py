@@ -29,6 +29,7 @@ from .. import evaluate, voc
 from ..evaluate import METRICS
 from ..inputs import DEFAULT_MAX_PIXELS
 from ..models import Backbone
+from ..progress import Progress
 from . import Metrics, Task, TaskRun, json_number, training
 
 
@@ -108,14 +109,16 @@ def detect(detector: GeneralizedRCNN, voc_root: Path, images: Sequence[voc.VocIm
     """Detections per class in VOC's 1-based pixel coordinates, images in split order."""
     detector.to(device).eval()
     rows: list[tuple[str, int, float, list[float]]] = []
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        outs = detector([(training.read_image(voc.image_path(voc_root, img.id), max_pixels).float() / 255).to(device)
-                         for img in chunk])
-        for img, out in zip(chunk, outs):
-            boxes = (out["boxes"].cpu().double() + torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
-            rows += [(img.id, lab - 1, s, b) for lab, s, b in
-                     zip(out["labels"].tolist(), out["scores"].double().tolist(), boxes.tolist())]
+    with Progress(len(images), "test", "img") as bar:
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            outs = detector([(training.read_image(voc.image_path(voc_root, img.id), max_pixels).float() / 255)
+                             .to(device) for img in chunk])
+            for img, out in zip(chunk, outs):
+                boxes = (out["boxes"].cpu().double() + torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+                rows += [(img.id, lab - 1, s, b) for lab, s, b in
+                         zip(out["labels"].tolist(), out["scores"].double().tolist(), boxes.tolist())]
+            bar.update(len(chunk))
     return {c: voc.ClassDets(np.array([r[0] for r in rows if r[1] == k], dtype=str),
                              np.array([r[2] for r in rows if r[1] == k], np.float64),
                              np.array([r[3] for r in rows if r[1] == k], np.float64).reshape(-1, 4))
