@@ -213,7 +213,7 @@ def test_stale_temporary_folders_are_swept(tmp_path: Path):
 
 def test_nested_sections_leave_the_pair_folder_unchanged(tmp_path: Path):
     """The pair's folder name is a contract (finished runs refer to it): ``data.demo.sun397`` must not change it."""
-    from imnet_ablate.experiments import compose
+    from imnet_ablate.config import compose
 
     shipped = OmegaConf.to_container(compose("data_demo", []).data.demo)
     assert isinstance(shipped.get("sun397"), dict)

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TINY_DEMO, TINY_SUN397, tiny_demo_overrides
 from imnet_ablate import datasets, demo, demo_sun397, sun397, wordnet
 from imnet_ablate.errors import UserError
-from imnet_ablate.experiments import compose
+from imnet_ablate.config import compose
 from test_demo import tree_digest
 
 MINI = {**TINY_DEMO, "sun397": {"train_per_class": 1, "test_per_class": 1, "image_size": 16}}

@@ -255,6 +255,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     # whole runs
     ("seed", SEED),
     ("*.seed", SEED),
+    ("task.split_seed", SEED),
+    ("task.partition", integer(1, 10)),
     ("pretrain_seed", SEED),
     ("seeds", integer(1, 2 ** 32)),
     ("jobs", either("auto", integer(1))),

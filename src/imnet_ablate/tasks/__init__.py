@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "voc-cls": "imnet_ablate.tasks.voc_cls:VocClassification",
     "voc-det": "imnet_ablate.tasks.voc_det:VocDetection",
     "voc-act": "imnet_ablate.tasks.voc_act:VocAction",
+    "sun-cls": "imnet_ablate.tasks.sun_cls:SunClassification",
 }
 
 

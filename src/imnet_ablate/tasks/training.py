@@ -138,6 +138,33 @@ def linear_probe(run: TaskRun, train: torch.Tensor, test: torch.Tensor, outputs:
         return clf((test - mean) / std)
 
 
+# -- fine-tuning a classifier --------------------------------------------------------------------------------------
+def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, outputs: int,
+             loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ft: DictConfig) -> torch.Tensor:
+    """The whole network with a new ``outputs``-way head (``head_lr_mult`` x lr) on random crops + flips of
+    ``x_train``, ``loss(logits, batch indices)`` the task's data term; returns the test logits (the mean of the
+    image and its mirror)."""
+    model, size, device = run.backbone, x_test.shape[-1], run.device
+    head = model.replace_head(outputs)
+    model.to(device).train()
+    head_params = set(head.parameters())
+    groups = [{"params": [p for p in model.parameters() if p not in head_params]},
+              {"params": list(head_params), "lr": ft.optimizer.lr * ft.head_lr_mult}]
+    opt, sched = sgd(groups, ft.optimizer)
+
+    def step(it: int) -> dict[str, torch.Tensor]:
+        idx = batch_indices(len(x_train), ft.batch_size, run.seed, it)
+        g = iteration_generator(run.seed, it)
+        xb = torch.stack([random_crop_flip(x_train[i], size, g) for i in idx.tolist()]).to(device)
+        return {"loss": loss(model(model.normalize(xb)), idx)}
+
+    train_steps(run, model, opt, sched, ft.iterations, step, ft)
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([(model(model.normalize(c.to(device))) + model(model.normalize(c.flip(-1).to(device))))
+                          .cpu() / 2 for c in x_test.split(128)])
+
+
 # -- SGD over iterations -------------------------------------------------------------------------------------------
 def sgd(groups: list[dict[str, Any]], opt_cfg: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
     """SGD with momentum and weight decay; the lr times ``gamma`` at each of ``steps`` (iterations)."""

@@ -37,31 +37,6 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return loss / weights.sum().clamp(min=1.0)
 
 
-def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, targets: torch.Tensor,
-             weights: torch.Tensor, ft: Any) -> torch.Tensor:
-    """The whole network with a new 20-way head (``head_lr_mult`` x lr): random crops + flips, masked BCE.
-    Test score: mean logit of the image and its mirror."""
-    model, size, device = run.backbone, x_test.shape[-1], run.device
-    head = model.replace_head(len(voc.CLASSES))
-    model.to(device).train()
-    head_params = set(head.parameters())
-    groups = [{"params": [p for p in model.parameters() if p not in head_params]},
-              {"params": list(head_params), "lr": ft.optimizer.lr * ft.head_lr_mult}]
-    opt, sched = training.sgd(groups, ft.optimizer)
-
-    def step(it: int) -> dict[str, torch.Tensor]:
-        idx = training.batch_indices(len(x_train), ft.batch_size, run.seed, it)
-        g = training.iteration_generator(run.seed, it)
-        xb = torch.stack([training.random_crop_flip(x_train[i], size, g) for i in idx.tolist()]).to(device)
-        return {"bce": masked_bce(model(model.normalize(xb)), targets[idx].to(device), weights[idx].to(device))}
-
-    training.train_steps(run, model, opt, sched, ft.iterations, step, ft)
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([(model(model.normalize(c.to(device))) + model(model.normalize(c.flip(-1).to(device))))
-                          .cpu() / 2 for c in x_test.split(128)])
-
-
 class VocClassification(Task):
     datasets = ("voc2007",)
     score_name = "mAP"
@@ -96,7 +71,8 @@ class VocClassification(Task):
             scores = training.linear_probe(run, feats("trainval", x_train), feats("test", x_test), len(voc.CLASSES),
                                            lambda logits: masked_bce(logits, targets, weights), task.linear)
         else:
-            scores = finetune(run, x_train, x_test, targets, weights, task.finetune)
+            scores = training.finetune(run, x_train, x_test, len(voc.CLASSES), lambda logits, idx: masked_bce(
+                logits, targets[idx].to(logits.device), weights[idx].to(logits.device)), task.finetune)
         ids = np.array([img.id for img in test_imgs], dtype=str)
         results = {c: voc.ClassScores(ids, scores[:, k].double().numpy()) for k, c in enumerate(voc.CLASSES)}
         voc.write_cls_results(run.stage.path / self.results_dir, task.test_split, results)
