@@ -11,7 +11,8 @@ from imnet_ablate.experiments import compose
 from imnet_ablate.validate import check, leaves, rule_for
 
 VARIANTS = [[], ["task=voc-det"], ["task=voc-det-demo"], ["task=voc-cls-demo"], ["loader=packed"], ["train=caffe"],
-            ["model=alexnet_caffe"], ["model=alexnet"]]
+            ["model=alexnet_caffe"], ["model=alexnet"], ["model=resnet50", "train=resnet"],
+            ["model=resnet18", "train=resnet_demo"]]
 
 
 def composed_configs():
