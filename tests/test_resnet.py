@@ -146,8 +146,9 @@ def test_torchvision_weights_load_from_the_hub_cache(tmp_path, monkeypatch) -> N
         x = torch.randn(1, 3, 64, 64)
         assert torch.allclose(ours(x), theirs.eval()(x), atol=1e-5)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)  # the wrong network under that name
-    with pytest.raises(UserError, match="not torchvision's resnet18 ImageNet weights"):
+    with pytest.raises(UserError, match="not torchvision's resnet18 ImageNet weights") as error:
         resnet.torchvision_pretrained(CONFIGS["resnet18"])
+    assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="model.name=alexnet: no torchvision ResNet weights"):
         resnet.torchvision_weights("alexnet")
 

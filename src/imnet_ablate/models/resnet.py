@@ -152,5 +152,6 @@ def torchvision_pretrained(model_cfg: Mapping[str, Any]) -> ResNet:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(from_torchvision(state))
     except Exception as e:  # a torn download or another network's file: torch raises many types here
-        raise UserError(f"{path}: not torchvision's {name} ImageNet weights ({e}); download it again") from e
+        why = " ".join(str(e).split())[:200]  # load_state_dict lists every key on its own line: keep one line
+        raise UserError(f"{path}: not torchvision's {name} ImageNet weights ({why}); download it again") from e
     return model
