@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Input-pipeline check on a GPU machine (issue 7), under 8 minutes on one H100: generates ImageNet-size JPEGs,
 # packs them, then times the reference recipe, the files path, the packed path (CPU decode and batched GPU decode),
-# AlexNet alone (224 px, batch 256, bf16, channels_last), whole train steps fed by the packed loader, and a few
-# hundred voc-det steps; prints one table last.
+# AlexNet alone (224 px, batch 256, bf16, channels_last), whole train steps fed by the packed loader, the same two
+# for ResNet-50 (model alone and end to end, one run), and a few hundred voc-det steps; prints one table last.
 #
 # On a bare device machine, from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
@@ -32,6 +32,7 @@ t0=$(date +%s)
 ablate bench what=loader bench.gpu_decode=$GPU_DECODE "${COMMON[@]}" | tee "$OUT/loader.txt"
 ablate bench what=model bench.model=alexnet "${COMMON[@]}" | tee "$OUT/model.txt"
 ablate bench what=train bench.model=alexnet "${COMMON[@]}" | tee "$OUT/train.txt"
+ablate bench what=train bench.model=resnet50 "${COMMON[@]}" | tee "$OUT/train_resnet50.txt"  # model-only + train
 echo "bench: $(( $(date +%s) - t0 )) s"
 
 DET="skipped: no transfer module / voc-det task in this tree"
@@ -53,19 +54,21 @@ import json, sys
 from pathlib import Path
 out, det = Path(sys.argv[1]), sys.argv[2]
 rows = []
-for what in ("loader", "model", "train"):
-    for res in sorted((out / "runs" / "bench").glob(f"{what}-*/results.json"))[-1:]:
+for what, runs in (("loader", 1), ("model", 1), ("train", 2)):  # train: alexnet's, then resnet50's
+    for res in sorted((out / "runs" / "bench").glob(f"{what}-*/results.json"))[-runs:]:
         rows += json.loads(res.read_text())["rows"]
 print("\n== gpu_check summary ==")
 print(f"{'pipeline':36} {'img/s':>10} {'img/CPU-s':>10}")
 for r in rows:
     print(f"{r['pipeline']:36} {r.get('img_per_s', '-'):>10} {r.get('img_per_cpu_s', '-'):>10}")
 by = {r["pipeline"]: r for r in rows}
-model = next((r for r in rows if r["pipeline"].startswith("model-only")), None)
-train = next((r for r in rows if r["pipeline"].startswith("train packed")), None)
-if model and train:
-    print(f"end-to-end / model-only: {train['img_per_s'] / model['img_per_s']:.2f} (goal >= 0.8)")
-if train and "reference" in by:
-    print(f"end-to-end / reference loader: {train['img_per_s'] / by['reference']['img_per_s']:.2f} (goal >= 3)")
+for net in ("alexnet", "resnet50"):  # each model's first model-only row against its end-to-end row
+    model = next((r for r in rows if r["pipeline"].startswith(f"model-only {net} ")), None)
+    train = next((r for r in rows if r["pipeline"].startswith(f"train packed {net} ")), None)
+    if model and train:
+        print(f"{net} end-to-end / model-only: {train['img_per_s'] / model['img_per_s']:.2f} (goal >= 0.8)")
+    if net == "alexnet" and train and "reference" in by:
+        print(f"alexnet end-to-end / reference loader: {train['img_per_s'] / by['reference']['img_per_s']:.2f} "
+              "(goal >= 3)")
 print(f"voc-det: {det}")
 PY

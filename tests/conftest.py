@@ -1,11 +1,13 @@
 """Shared fixtures: the authors' reference files, a small generated demo pair, and the CLI in a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +20,10 @@ TINY_DEMO = {"seed": 0, "train_per_class": 4, "val_per_class": 2, "image_size": 
 TINY_VOC2012 = {"train_images": 60, "val_images": 30, "image_size": 64}
 # The generated SUN397 scenes (data.demo.sun397): every category, 2 + 2 images each.
 TINY_SUN397 = {"train_per_class": 2, "test_per_class": 2, "image_size": 32}
+
+# A 4-class ImageNet-layout tree written by ``write_tree`` (ImageNet wnids, so the layout is the real one).
+TREE_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+TREE_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +74,40 @@ def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("run_dir: "), proc.stdout + proc.stderr
     return Path(last.removeprefix("run_dir: "))
+
+
+def write_tree(root: Path, train_per_class: int = 16, val_per_class: int = 8, size: int = 32
+               ) -> dict[str, list[tuple[str, int]]]:
+    """An ImageNet-layout tree of ``size`` x ``size``-``size + 8`` px JPEGs: each class a noisy colour with a
+    stripe, so a net can learn it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for label, (wnid, colour) in enumerate(zip(TREE_WNIDS, TREE_COLOURS)):
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = size, int(rng.integers(size, size + 9))
+                img = np.clip(np.array(colour) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+                img[:, (label * 7) % w: (label * 7) % w + 4] = 255
+                rel = f"{split}/{wnid}/{wnid}_{i}.JPEG"
+                Image.fromarray(img).save(root / rel, quality=90)
+                rows[split].append((rel, label))
+    return rows
+
+
+def write_subset(folder: Path, root: Path, rows: dict[str, list[tuple[str, int]]]) -> Path:
+    """A subset folder in the contract format (what ``subsets.build`` writes) over ``root``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, items in rows.items():
+        lines = ["path\tlabel\twnid"] + [f"{p}\t{label}\t{TREE_WNIDS[label]}" for p, label in items]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    classes = ["label\twnid\tname\tn_images\tmembers"]
+    counts = [sum(1 for _, lb in rows["train"] if lb == i) for i in range(len(TREE_WNIDS))]
+    classes += [f"{i}\t{w}\tclass{i}\t{counts[i]}\t{w}" for i, w in enumerate(TREE_WNIDS)]
+    (folder / "classes.tsv").write_text("\n".join(classes) + "\n")
+    (folder / "manifest.json").write_text(json.dumps({"name": "tiny", "data_root": str(root),
+                                                      "num_classes": len(TREE_WNIDS),
+                                                      "num_train": len(rows["train"]), "num_val": len(rows["val"])}))
+    return folder

@@ -12,52 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
-from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides
+from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides, write_subset, write_tree
 from imnet_ablate import cli, models, pretrain
 from imnet_ablate.errors import UserError
-
-CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
-COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
-
-
-def write_tree(root: Path, train_per_class: int = 16, val_per_class: int = 8) -> dict[str, list[tuple[str, int]]]:
-    """An ImageNet-layout tree of 32-40 px JPEGs: each class a noisy colour with a stripe, so a net can learn it."""
-    rng = np.random.default_rng(0)
-    rows: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for label, (wnid, colour) in enumerate(zip(CLASSES, COLOURS)):
-            (root / split / wnid).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = 32, int(rng.integers(32, 41))
-                img = np.clip(np.array(colour) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-                img[:, (label * 7) % w: (label * 7) % w + 4] = 255
-                rel = f"{split}/{wnid}/{wnid}_{i}.JPEG"
-                Image.fromarray(img).save(root / rel, quality=90)
-                rows[split].append((rel, label))
-    return rows
-
-
-def write_subset(folder: Path, root: Path, rows: dict[str, list[tuple[str, int]]]) -> Path:
-    """A subset folder in the contract format (what ``subsets.build`` writes) over ``root``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, items in rows.items():
-        lines = ["path\tlabel\twnid"] + [f"{p}\t{label}\t{CLASSES[label]}" for p, label in items]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    classes = ["label\twnid\tname\tn_images\tmembers"]
-    counts = [sum(1 for _, lb in rows["train"] if lb == i) for i in range(len(CLASSES))]
-    classes += [f"{i}\t{w}\tclass{i}\t{counts[i]}\t{w}" for i, w in enumerate(CLASSES)]
-    (folder / "classes.tsv").write_text("\n".join(classes) + "\n")
-    (folder / "manifest.json").write_text(json.dumps({"name": "tiny", "data_root": str(root),
-                                                      "num_classes": len(CLASSES), "num_train": len(rows["train"]),
-                                                      "num_val": len(rows["val"])}))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny_subset(tmp_path_factory) -> Path:

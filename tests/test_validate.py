@@ -13,7 +13,8 @@ from imnet_ablate.errors import UserError
 from imnet_ablate.validate import check, leaves, rule_for
 
 VARIANTS = [[], ["task=voc-det"], ["task=voc-det-demo"], ["task=voc-cls-demo"], ["loader=packed"], ["train=caffe"],
-            ["model=alexnet_caffe"], ["model=alexnet"], ["data=imagenet"]]
+            ["model=alexnet_caffe"], ["model=alexnet"], ["data=imagenet"], ["model=resnet50", "train=resnet"],
+            ["model=resnet18", "train=resnet_demo"]]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig
 
 from . import models
+from .config import locate
 from .errors import UserError
 from .store import finished, load_torch, restoring
 
@@ -30,17 +31,22 @@ class Source(NamedTuple):
 
 
 class TorchvisionWeights(NamedTuple):
-    file: str  # in <torch hub dir>/checkpoints/, as torchvision's downloader names it
+    file: str  # in <torch hub dir>/checkpoints/, as torchvision's downloader names it (IMAGENET1K_V1)
     model: dict  # the model config they fit
-    rename: dict[str, str]  # torchvision's state-dict prefixes -> ours
+    keys: str  # "module:NAME" of the model's key mapping from torchvision's state dict (models.renamed_keys)
 
 
 # pretrain=torchvision: the ImageNet weights torchvision publishes, by model name (any other model: AlexNet, as 0.1)
+_RESNET = {"input_size": 224, "resize": 256}
 TORCHVISION: dict[str, TorchvisionWeights] = {
     "alexnet": TorchvisionWeights(
         "alexnet-owt-7be5be79.pth",
         {"name": "alexnet", "input_size": 224, "resize": 256, "dropout": 0.5, "init": "default"},
-        {"features": "trunk", "classifier.1": "fc6.1", "classifier.4": "fc7.1", "classifier.6": "head"}),
+        "imnet_ablate.models.alexnet:TORCHVISION_KEYS"),
+    "resnet18": TorchvisionWeights("resnet18-f37072fd.pth", {"name": "resnet18", **_RESNET},
+                                   "imnet_ablate.models.resnet:TORCHVISION_KEYS"),
+    "resnet50": TorchvisionWeights("resnet50-0676ba61.pth", {"name": "resnet50", **_RESNET},
+                                   "imnet_ablate.models.resnet:TORCHVISION_KEYS"),
 }
 
 
@@ -121,13 +127,6 @@ def torchvision_network(cfg: DictConfig) -> models.Backbone:
                         f"(torchvision.models.{weights.model['name']}(weights='IMAGENET1K_V1')) and copy it there")
     state = load_torch(path, f"torchvision's {weights.model['name']} weights", valid=lambda s: isinstance(s, dict))
     model = models.build(weights.model, 1000)
-    with restoring(path, f"torchvision's {weights.model['name']} weights"):
-        model.load_state_dict({_renamed(k, weights.rename): v for k, v in state.items()})
+    with restoring(path, f"torchvision's {weights.model['name']} weights", "download it again"):
+        model.load_state_dict(models.renamed_keys(state, locate(weights.keys, "torchvision weights")))
     return model
-
-
-def _renamed(key: str, rename: dict[str, str]) -> str:
-    for old, new in rename.items():
-        if key.startswith(old + "."):
-            return new + key[len(old):]
-    return key

@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import locate
 from ..errors import UserError
-from .backbone import MEAN, STD, Backbone, DetectionParts, normalize
+from .backbone import MEAN, STD, Backbone, DetectionParts, normalize, renamed_keys
 
 __all__ = ["BUILTIN", "MEAN", "STD", "Backbone", "DetectionParts", "build", "check_name", "load_pretrained",
-           "normalize", "skeleton"]
+           "normalize", "renamed_keys", "skeleton"]
 
 BUILTIN: dict[str, str] = {
     "alexnet": "imnet_ablate.models.alexnet:alexnet",

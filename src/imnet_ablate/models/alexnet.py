@@ -21,6 +21,11 @@ from ..errors import UserError
 from .backbone import Backbone, DetectionParts
 
 
+# torchvision's AlexNet state-dict key prefix -> ours (``models.renamed_keys``; every other key is the same).
+TORCHVISION_KEYS = {"features.": "trunk.", "classifier.1.": "fc6.1.", "classifier.4.": "fc7.1.",
+                    "classifier.6.": "head."}
+
+
 def _fc(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, out_features), nn.ReLU(inplace=True))
 

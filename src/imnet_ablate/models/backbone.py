@@ -13,7 +13,7 @@ for any backbone.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -112,6 +112,16 @@ class Backbone(nn.Module):
         With the 1-2 images per batch of detection, batch statistics are noise; frozen ones stay what pre-training
         learned whatever ``train()``/``eval()`` does (Detectron's choice for ResNets)."""
         _freeze_batchnorm(self)
+
+
+def renamed_keys(state: Mapping[str, torch.Tensor], prefixes: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """A state dict with each key's leading ``prefixes`` entry replaced (``{"fc.": "head."}``): how another
+    library's weights of the same architecture (torchvision's) load into a Backbone."""
+    def renamed(key: str) -> str:
+        old = next((p for p in prefixes if key.startswith(p)), None)
+        return key if old is None else prefixes[old] + key[len(old):]
+
+    return {renamed(k): v for k, v in state.items()}
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
