@@ -15,6 +15,7 @@ Transfer uses:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -26,7 +27,6 @@ from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from ..errors import UserError
 from .backbone import Backbone, DetectionParts
 
-ROI_SIZE = 14  # RoIAlign grid of the box head (Detectron's R50-C4: POOLER_RESOLUTION 14, res5 halves it)
 
 
 class Arch(NamedTuple):
@@ -89,12 +89,14 @@ class ResNet(Backbone):
         return _global_pool(res4 if name == "res4" else self.layer4(res4))
 
     def detection_parts(self, stride: int = 16) -> DetectionParts:
-        """R50-C4: trunk conv1..res4 (stride 16), box head res5 + pooling on 14x14 RoIs."""
+        """R50-C4: trunk conv1..res4 (stride 16), box head res5 + pooling on RoIs pooled to the res4 grid of a whole
+        pre-training image: 14 x 14 at 224 px (Detectron's), 2 x 2 for the demo's 28 px (as AlexNet's fc6 reads
+        the conv5 grid of its own input size)."""
         if stride != 16:
             raise UserError(f"detection stride {stride}: a ResNet's C4 trunk (conv1..res4) has stride 16")
         trunk = nn.Sequential(self.stem, self.layer1, self.layer2, self.layer3)
         trunk.out_channels = self.res4_channels
-        return DetectionParts(trunk, Res5Head(self.layer4), ROI_SIZE, self.feature_dim)
+        return DetectionParts(trunk, Res5Head(self.layer4), math.ceil(self.input_size / 16), self.feature_dim)
 
     def stages(self) -> list[nn.Module]:
         return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]

@@ -194,7 +194,8 @@ def train_steps(run: TaskRun, model: nn.Module, optimizer: torch.optim.Optimizer
             optimizer.step()
             scheduler.step()
             bar.update()
-            if (it + 1) % every.log_every == 0:
+            if (it + 1) % every.log_every == 0 or it + 1 == iterations:
+                diverged(run, loss, it + 1, every)
                 parts = f" ({' '.join(f'{k} {v.item():.3f}' for k, v in losses.items())})" if len(losses) > 1 else ""
                 bar.note(loss=f"{loss.item():.3f}")
                 log.info("iter %d/%d loss %.4f%s lr %.2g", it + 1, iterations, loss.item(), parts,
@@ -207,6 +208,15 @@ def train_steps(run: TaskRun, model: nn.Module, optimizer: torch.optim.Optimizer
                        f"{resumes_with(it + 1, iterations)}"
                 log.warning(note)
                 raise Interrupted(note)
+
+
+def diverged(run: TaskRun, loss: torch.Tensor, iteration: int, every: DictConfig) -> None:
+    """A loss that is no longer finite is a training that diverged: its scores would measure nothing, so the stage
+    stops with one line instead of reporting them (checked where the loss is logged, so no extra device sync)."""
+    if not torch.isfinite(loss):
+        lr = every.get("optimizer", {}).get("lr", "?")
+        raise UserError(f"{run.stage.path}: the training diverged (loss {loss.item()} at iteration {iteration}, "
+                        f"lr {lr}); lower the task's optimizer.lr and rerun")
 
 
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
