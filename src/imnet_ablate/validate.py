@@ -68,6 +68,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("model.resize", integer(16)),
     ("model.dropout", number(0, 1, high_open=True)),
     ("model.batchnorm", SWITCH),
+    ("model.squash", SWITCH),
+    ("model.version", integer(1)),
     # recipes (pre-training and transfer alike)
     ("*batch_size", integer(1)),
     ("*.lr", number(0, low_open=True)),
