@@ -16,12 +16,13 @@ pytestmark = pytest.mark.slow
 
 # Pre-trainings of a few seconds: 16 random classes of the tiny demo, 1 epoch.
 TINY = ["subset.classes=16", "subset.name=x16", "train.batch_size=16", "train.schedule.length=1",
-        "train.schedule.step_every=1", "loader.num_workers=0", "jobs=2"]
+        "train.schedule.step_every=1", "loader.num_workers=0"]
+RUN = ["jobs=2", "transfer_seeds=1", "imagenet_probe=false"]  # one transfer per network, no 1000-way probe
 SETS = "experiment.sets=[{label:full,subset:full},{label:scratch,subset:full,pretrain:scratch}]"
 
 
 def args(cache: Path, tmp: Path, *extra: str) -> list[str]:
-    return [*tiny_demo_overrides(cache, tmp / "runs"), *TINY, SETS, f"paths.results={tmp / 'results'}", *extra]
+    return [*tiny_demo_overrides(cache, tmp / "runs"), *TINY, *RUN, SETS, f"paths.results={tmp / 'results'}", *extra]
 
 
 def stages_line(stdout: str) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
 
 def test_report_lists_missing_runs_instead_of_failing(demo_cache, tmp_path):
     assert run_ablate("run", *args(demo_cache, tmp_path)).returncode == 0
-    report = run_ablate("report", *args(demo_cache, tmp_path, "seeds=2"))  # seed 1 was never run
+    report = run_ablate("report", *args(demo_cache, tmp_path, "transfer_seeds=2"))  # seed 1 was never run
     assert report.returncode == 0, report.stderr[-3000:]
     assert "missing runs (2):" in report.stdout  # seed 1's two transfers (pre-trained and scratch)
     assert "seed 1" in report.stdout and "seed 0" not in report.stdout.split("missing runs")[1]
@@ -83,13 +84,13 @@ def test_killed_run_resumes_without_redoing_finished_stages(demo_cache, tmp_path
 
 
 def test_multirun_over_two_presets_gives_two_folders_and_one_table(demo_cache, tmp_path):
-    common = [*tiny_demo_overrides(demo_cache, tmp_path / "runs"), *TINY[:-1]]
+    common = [*tiny_demo_overrides(demo_cache, tmp_path / "runs"), *TINY]
     sweep = run_ablate("transfer", "-m", "subset=full,250pc", *common)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert len(list((tmp_path / "runs" / "pretrain").iterdir())) == 2
     assert len([p for p in (tmp_path / "runs" / "transfer").iterdir() if (p / "DONE").exists()]) == 2
     sets = "experiment.sets=[{label:full,subset:full},{label:250pc,subset:250pc}]"
-    report = run_ablate("report", *common, sets, f"paths.results={tmp_path / 'results'}")
+    report = run_ablate("report", *common, *RUN[1:], sets, f"paths.results={tmp_path / 'results'}")
     assert report.returncode == 0, report.stderr[-3000:]
     rows = [ln for ln in report.stdout.splitlines() if ln.startswith("| voc-cls")]
     assert len(rows) == 2 and "missing runs" not in report.stdout

@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "data check": Command("data_check", "imnet_ablate.datacheck:run", "validate a dataset copy, write a report"),
     "pack": Command("pack", "imnet_ablate.pack:run", "pack a training set into one fast-loading store"),
     "pretrain": Command("pretrain", "imnet_ablate.pretrain:run", "pre-train a network on a subset"),
+    "probe": Command("probe", "imnet_ablate.probe:run", "the 1000-way ImageNet top-1 of a reduced-class network"),
     "transfer": Command("transfer", "imnet_ablate.transfer:run", "transfer a pre-trained network to a task (probe or fine-tune)"),
     "evaluate": Command("evaluate", "imnet_ablate.rescore:run", "score a task's results files (devkit format)"),
     "run": Command("run", "imnet_ablate.experiments:run", "run an experiment: every stage not done yet, then report"),
