@@ -102,6 +102,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("*.quality", integer(1, 100)),
     # transfer
     ("task.*train_resize", number(1)),
+    ("task.*test_crops", ((lambda v: v in (2, 10)), "2 or 10")),
     ("task.min_size", integer(16)),
     ("task.max_size", integer(16)),
     ("task.*_thresh", FRACTION),

@@ -1,10 +1,13 @@
 """voc-cls: PASCAL VOC 2007 image classification (20 labels, multi-label), per-class AP with the devkit's rule.
 
 Not one of the paper's three tasks, but the cheapest view of a representation: ``protocol: linear`` trains 20
-L2-regularised logistic regressions on frozen features (cached in the stage folder); ``protocol: finetune`` trains
-the whole network with a new 20-way head and a masked BCE (images whose objects of a class are all difficult are
-left out of that class's loss, as the devkit leaves them out of its AP). Scores go to devkit results files
-(``results/comp2_cls_<split>_<class>.txt``) so ``ablate evaluate`` rescores them.
+L2-regularised logistic regressions on frozen features of whole images squashed to the network's input size (cached
+in the stage folder); ``protocol: finetune`` trains the whole network with a new 20-way head and a masked BCE
+(images whose objects of a class are all difficult are left out of that class's loss, as the devkit leaves them out
+of its AP) on random crops of images squashed to ``train_resize`` x the input size, and tests on crops of the same
+scale (``test_crops``: the centre crop and its mirror, or the era's 10 crops). Batch norm keeps the pre-trained
+network's statistics while fine-tuning (batches of 32 small scenes), as in detection and in the linear probe.
+Scores go to devkit results files (``results/comp2_cls_<split>_<class>.txt``) so ``ablate evaluate`` rescores them.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from ..errors import UserError
 from . import Metrics, Task, TaskRun, training
 
 PROTOCOLS = ("linear", "finetune")
+# 2 (imnet-ablate 0.2): tests on crops at the training scale (0.1: whole images squashed to the crop size) and keeps
+# batch norm's pre-trained statistics (0.1: batch statistics). In the finetune spec, so 0.1's folders are not reused.
+FINETUNE_VERSION = 2
 
 
 def cls_targets(images: Sequence[voc.VocImage]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +42,24 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return loss / weights.sum().clamp(min=1.0)
 
 
+def test_views(x: torch.Tensor, size: int, crops: int) -> list[torch.Tensor]:
+    """Test crops of images at the training scale: the centre crop and its mirror (2), or the four corner crops and
+    the centre crop, each with its mirror (10: Caffe's oversample, the era's test)."""
+    h, w = x.shape[-2:]
+    offsets = [((h - size) // 2, (w - size) // 2)]
+    if crops == 10:
+        offsets += [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
+    views = [x[..., top:top + size, left:left + size] for top, left in offsets]
+    return views + [v.flip(-1) for v in views]
+
+
 def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, targets: torch.Tensor,
-             weights: torch.Tensor, ft: Any) -> torch.Tensor:
-    """The whole network with a new 20-way head (``head_lr_mult`` x lr): random crops + flips, masked BCE.
-    Test score: mean logit of the image and its mirror."""
-    model, size, device = run.backbone, x_test.shape[-1], run.device
+             weights: torch.Tensor, ft: Any, size: int) -> torch.Tensor:
+    """The whole network with a new 20-way head (``head_lr_mult`` x lr): random ``size`` crops + flips, masked BCE;
+    a pre-trained network's batch norm keeps its statistics. Test score: the mean logit over ``test_views``."""
+    model, device = run.backbone, run.device
+    if run.pretrained:
+        model.freeze_batchnorm()
     head = model.replace_head(len(voc.CLASSES))
     model.to(device).train()
     head_params = set(head.parameters())
@@ -57,8 +76,9 @@ def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, targets:
     training.train_steps(run, model, opt, sched, ft.iterations, step, ft)
     model.eval()
     with torch.no_grad():
-        return torch.cat([(model(model.normalize(c.to(device))) + model(model.normalize(c.flip(-1).to(device))))
-                          .cpu() / 2 for c in x_test.split(128)])
+        return torch.cat([torch.stack([model(model.normalize(v.to(device))).cpu()
+                                       for v in test_views(chunk, size, int(ft.test_crops))]).mean(0)
+                          for chunk in x_test.split(128)])
 
 
 class VocClassification(Task):
@@ -66,9 +86,12 @@ class VocClassification(Task):
     score_name = "mAP"
 
     def spec(self) -> dict[str, Any]:
-        """The task config without the settings of the protocol not in use (they change nothing)."""
+        """The task config without the settings of the protocol not in use (they change nothing); fine-tuning's
+        with its version."""
         spec = super().spec()
         spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
+        if "finetune" in spec:
+            spec["finetune"]["version"] = FINETUNE_VERSION
         return spec
 
     def check(self) -> None:
@@ -84,7 +107,7 @@ class VocClassification(Task):
         def pixels(images: Sequence[voc.VocImage], side: int) -> torch.Tensor:
             return training.load_resized([voc.image_path(root, img.id) for img in images], side)
 
-        x_train, x_test = pixels(train_imgs, train_size), pixels(test_imgs, size)
+        x_train, x_test = pixels(train_imgs, train_size), pixels(test_imgs, train_size)  # one scale for both
         targets, weights = cls_targets(train_imgs)
         if task.protocol == "linear":
             def feats(split: str, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +117,7 @@ class VocClassification(Task):
             scores = training.linear_probe(run, feats("trainval", x_train), feats("test", x_test), len(voc.CLASSES),
                                            lambda logits: masked_bce(logits, targets, weights), task.linear)
         else:
-            scores = finetune(run, x_train, x_test, targets, weights, task.finetune)
+            scores = finetune(run, x_train, x_test, targets, weights, task.finetune, size)
         ids = np.array([img.id for img in test_imgs], dtype=str)
         results = {c: voc.ClassScores(ids, scores[:, k].double().numpy()) for k, c in enumerate(voc.CLASSES)}
         voc.write_cls_results(run.stage.path / self.results_dir, task.test_split, results)
