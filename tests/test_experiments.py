@@ -1,6 +1,7 @@
 """`ablate run` and `ablate report` on the tiny demo: the whole chain, resumption, missing runs, sweeps."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides
 
@@ -95,3 +98,53 @@ def test_multirun_over_two_presets_gives_two_folders_and_one_table(demo_cache, t
     rows = [ln for ln in report.stdout.splitlines() if ln.startswith("| voc-cls")]
     assert len(rows) == 2 and "missing runs" not in report.stdout
     assert len((tmp_path / "results" / "demo" / "table.csv").read_text().splitlines()) == 1 + 2
+
+
+def plan_rows(stdout: str) -> list[dict[str, str]]:
+    """The rows `ablate run plan=true` prints: status, stage, set, budget, task, pre-training seed, seed, folder."""
+    keys = ["status", "kind", "set", "budget", "task", "pre", "seed", "folder"]
+    return [dict(zip(keys, line.split())) for line in stdout.splitlines() if line.startswith(("todo ", "done "))]
+
+
+def test_plan_has_one_pre_training_per_set_and_three_transfers_of_it(demo_cache, tmp_path):
+    proc = run_ablate("run", "experiment=demo", "pretrain_seeds=1", "transfer_seeds=3", "plan=true",
+                      *tiny_demo_overrides(demo_cache, tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = plan_rows(proc.stdout)
+    pretrainings = {r["set"]: Path(r["folder"]).name for r in rows if r["kind"] == "pretrain"}
+    assert sorted(pretrainings) == ["250pc", "full", "nopascal-771", "wordnet-127"]  # one each
+    for label, folder in pretrainings.items():
+        transfers = [r for r in rows if r["kind"] == "transfer" and r["set"] == label]
+        assert sorted(r["seed"] for r in transfers) == ["0", "1", "2"] and {r["pre"] for r in transfers} == {"0"}
+        assert all(Path(r["folder"]).name.startswith(f"voc-cls-{folder}-") for r in transfers)  # that very network
+    assert sorted(r["seed"] for r in rows if r["set"] == "scratch") == ["0", "1", "2"]
+    assert sorted(r["set"] for r in rows if r["kind"] == "probe") == ["nopascal-771", "wordnet-127"]  # not fine
+
+
+def test_budget_both_plans_smaller_sets_under_each_rule_and_full_once(demo_cache, tmp_path):
+    sets = "experiment.sets=[{label:full,subset:full},{label:250pc,subset:250pc,demo:{subset.images_per_class:2}}]"
+    proc = run_ablate("run", sets, "budget=both", "transfer_seeds=1", "plan=true",
+                      *tiny_demo_overrides(demo_cache, tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pre = [(r["set"], r["budget"]) for r in plan_rows(proc.stdout) if r["kind"] == "pretrain"]
+    assert sorted(pre) == [("250pc", "same_epochs"), ("250pc", "same_iterations"), ("full", "same_epochs")]
+
+
+def test_seeds_axes_tie_each_row_to_its_own_pre_training(demo_cache, tmp_path):
+    """2 pre-trainings x 2 transfers, with the 1000-way probe: every run's top-1 is its own pre-training's."""
+    proc = run_ablate("run", *args(demo_cache, tmp_path, "pretrain_seeds=2", "transfer_seeds=2", "imagenet_probe=true",
+                                   "probe.epochs=2", "probe.steps=[1]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stages_line(proc.stdout) == (2 + 2 + 4 + 2, 0)  # pre-trainings, probes, transfers, scratch transfers
+    runs = pd.read_csv(run_dir_of(proc) / "runs.csv")
+    full = runs[runs["set"] == "full"]
+    assert sorted(zip(full["pretrain_seed"], full["seed"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    tops = {}
+    for folder in (tmp_path / "runs" / "pretrain").iterdir():
+        seed = int(OmegaConf.load(folder / "config.yaml").seed)
+        tops[seed] = json.loads((folder / "metrics.json").read_text())["top1"]
+    assert len(tops) == 2 and all(r.pretrain_top1 == tops[int(r.pretrain_seed)] for r in full.itertuples())
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| voc-cls | full")][0].split(" | ")
+    assert "± std over 2 pre-trainings x 2 transfers" in proc.stdout and table[11] == "2 x 2"
+    assert float(table[7].split()[0]) == pytest.approx(sum(tops.values()) / 2, abs=0.05)
+    assert table[8] != "-"  # the probe's ImageNet top-1 / top-5
