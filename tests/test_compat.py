@@ -22,8 +22,10 @@ PINNED = {
     'subset 250pc': '250pc-e664e8aed19e',
     'subset wordnet-127': 'wordnet-127-c318abd0439e',
     'subset nopascal-771': 'nopascal-771-b7bc94fcf541',
-    'pretrain full alexnet_small demo': 'full-alexnet_small-6ee860438a5d',
-    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-e0197eb95506',
+    # 0.2: train=demo version 2 (6 epochs, same_iterations: 0.1's recipe left small sets untrained); 0.1: 6ee860438a5d,
+    # e0197eb95506
+    'pretrain full alexnet_small demo': 'full-alexnet_small-5b4cf88c09aa',
+    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-87abb4f32c14',
     'pretrain full alexnet caffe': 'full-alexnet-13da4c189eb5',
     'pretrain 250pc alexnet caffe': '250pc-alexnet-4858f01af784',
     # 0.2: model.version 2 (Caffe's input convention, squash, dropout after ReLU, bias 0.1); 0.1: 6f1c19371f88, 0d09025475f5

@@ -69,7 +69,8 @@ def overrides(subset: Path, runs: Path, *extra: str) -> list[str]:
     """A few-second recipe: alexnet_small on 64 images of 4 classes, batch 16, 6 epochs of 4 iterations."""
     return [f"subset_dir={subset}", f"paths.runs={runs}", "train.batch_size=16", "train.schedule.length=6",
             "train.schedule.step_every=5", "train.optimizer.lr=0.05", "model.dropout=0", "train.reference_images=64",
-            "train.checkpoint_every=2", "train.log_every=4", "loader.num_workers=0", "device=cpu", *extra]
+            "train.budget=same_epochs", "train.checkpoint_every=2", "train.log_every=4", "loader.num_workers=0",
+            "device=cpu", *extra]
 
 
 def compose(*args: str):

@@ -121,9 +121,12 @@ def fine_classes(subset: DictConfig) -> bool:
             and (budget is None or budget.get("classes") == 1000))
 
 
-def wants_probe(choice: Any, subset: DictConfig) -> bool:
-    """``imagenet_probe``: auto (sets that are not the 1000 fine classes), true or false."""
-    return not fine_classes(subset) if choice == "auto" else bool(choice)
+def wants_probes(choice: Any, subsets: list[DictConfig]) -> bool:
+    """``imagenet_probe``: true, false, or auto: probe every pre-trained set of an experiment when some of its sets
+    are not the 1000 fine classes. All of them: a probe's new last layer, trained to convergence on frozen features,
+    is not the same measure as a network's own last layer (on the demo the full set's probe beats its own top-1),
+    so the column compares like with like. Experiments of fine classes only show each set's own top-1."""
+    return any(not fine_classes(s) for s in subsets) if choice == "auto" else bool(choice)
 
 
 class Planner:
@@ -140,6 +143,10 @@ class Planner:
         self.transfer_common = _without(common, PROBE_ONLY_KEYS)
         self.jobs: list[Job] = []
         self.stages: dict[str, Job] = {}
+        self.probes = wants_probes(cfg.imagenet_probe, [
+            compose("pretrain", [*set_overrides(e, str(cfg.data.name)), *self.exp.get("pretrain_overrides", []),
+                                 *self.pretrain_common]).subset
+            for e in self.exp.sets if str(e.get("pretrain", "subset")) == "subset"])
 
     def add(self, job: Job) -> Job:
         """The job of this stage: the first one planned for it (shared by later sets, rules and seeds)."""
@@ -159,7 +166,7 @@ class Planner:
         budget = [f"train.budget={rule}"]
         job = self.add(Job("pretrain", entry.label, seed, pcfg, pretrain.stage(pcfg), subset=subsets.stage(pcfg),
                            fine_classes=fine_classes(pcfg.subset)))
-        if wants_probe(self.cfg.imagenet_probe, pcfg.subset) and job.probe is None:
+        if self.probes and job.probe is None:
             qcfg = compose("probe", [*base, *self.probe_common, *budget])
             job.probe = self.add(Job("probe", entry.label, seed, qcfg, probe.stage(qcfg), subset=job.subset,
                                      deps=[job]))

@@ -69,7 +69,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("model.dropout", number(0, 1, high_open=True)),
     ("model.batchnorm", SWITCH),
     ("model.squash", SWITCH),
-    ("model.version", integer(1)),
+    ("*version", integer(1)),  # model.version, train.version
     # recipes (pre-training and transfer alike)
     ("*batch_size", integer(1)),
     ("*.lr", number(0, low_open=True)),
