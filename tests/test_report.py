@@ -77,3 +77,13 @@ def test_a_deterministic_linear_probe_says_its_transfer_spread_is_zero() -> None
     table = report.summarize(frame, EXP)
     assert table["score_std"].iloc[0] == pytest.approx(0, abs=1e-12)
     assert any("linear probe is deterministic" in n for n in report.warnings(table, EXP))
+
+
+@pytest.mark.parametrize("kind", ["line", "bar"])
+def test_figure_draws_each_budget_rule(table: pd.DataFrame, tmp_path, kind: str) -> None:
+    from imnet_ablate import figure
+
+    other = runs("full", "same_iterations", 18.0, 1000, [0.40]) + runs("250pc", "same_iterations", 15.8, 1000, [0.3])
+    both = pd.concat([table, report.summarize(pd.DataFrame(other), EXP)], ignore_index=True)
+    figure.plot(both, OmegaConf.merge(EXP, {"plot": kind, "x": "images"}), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
