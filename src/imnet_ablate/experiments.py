@@ -147,6 +147,10 @@ class Planner:
             compose("pretrain", [*set_overrides(e, str(cfg.data.name)), *self.exp.get("pretrain_overrides", []),
                                  *self.pretrain_common]).subset
             for e in self.exp.sets if str(e.get("pretrain", "subset")) == "subset"])
+        if self.probes:
+            from . import probe
+
+            probe.check(cfg.probe)  # before any stage runs
 
     def add(self, job: Job) -> Job:
         """The job of this stage: the first one planned for it (shared by later sets, rules and seeds)."""
