@@ -28,7 +28,8 @@ PINNED = {
     'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-87abb4f32c14',
     'pretrain full alexnet caffe': 'full-alexnet-13da4c189eb5',
     'pretrain 250pc alexnet caffe': '250pc-alexnet-4858f01af784',
-    # 0.2: model.version 2 (Caffe's input convention, squash, dropout after ReLU, bias 0.1); 0.1: 6f1c19371f88, 0d09025475f5
+    # 0.2: model.version 2 (Caffe's input convention, squash, dropout after ReLU, bias 0.1); 0.1: 6f1c19371f88,
+    # 0d09025475f5
     'pretrain full alexnet_caffe caffe': 'full-alexnet_caffe-e1f1df35a8f1',
     'pretrain 250pc alexnet_caffe caffe': '250pc-alexnet_caffe-b59ba02f7562',
     'pretrain full alexnet same_iterations seed1': 'full-alexnet-f601e239a4c3',

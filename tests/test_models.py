@@ -100,6 +100,7 @@ def test_alexnet_caffe_version_2_is_bvlc_alexnet_as_caffe_trained_it() -> None:
     assert [c.bias[0].item() for c in convs] == pytest.approx([0.0, 0.1, 0.0, 0.1, 0.1])
     assert model.fc6[0].bias[0].item() == pytest.approx(0.1) and model.head.bias.abs().max().item() == 0.0
     assert sum(p.numel() for p in model.parameters()) == 60_965_224
-    assert isinstance(model.trunk[0], ReverseChannels) and isinstance(model.detection_parts(16).trunk[0], ReverseChannels)
+    assert isinstance(model.trunk[0], ReverseChannels)
+    assert isinstance(model.detection_parts(16).trunk[0], ReverseChannels)
     assert (model.pixel_mean, model.pixel_std) == (models.CAFFE_MEAN, models.CAFFE_STD)
     assert models.build(CONFIGS["alexnet"], 10).pixel_mean == models.MEAN  # torchvision's stays torchvision's

@@ -111,7 +111,8 @@ def test_finetuning_keeps_the_pre_trained_batch_norm_statistics(demo_cache, tmp_
 def test_test_views_are_crops_of_the_training_scale():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
     two = voc_cls.test_views(x, 28, 2)
-    assert len(two) == 2 and torch.equal(two[0], x[..., 2:30, 2:30]) and torch.equal(two[1], x[..., 2:30, 2:30].flip(-1))
+    centre = x[..., 2:30, 2:30]
+    assert len(two) == 2 and torch.equal(two[0], centre) and torch.equal(two[1], centre.flip(-1))
     ten = voc_cls.test_views(x, 28, 10)
     assert len(ten) == 10 and all(v.shape == (2, 3, 28, 28) for v in ten)
     assert torch.equal(ten[1], x[..., :28, :28]) and torch.equal(ten[4], x[..., 4:, 4:])  # corners: Caffe's oversample

@@ -117,8 +117,8 @@ def keeps_every_image(subset: DictConfig) -> bool:
 def fine_classes(subset: DictConfig) -> bool:
     """ImageNet's 1000 fine classes, unmerged: the set's own top-1 is already the paper's 1000-way number."""
     budget = subset.get("budget")
-    return (all(subset.get(k) is None for k in ("grouping", "exclude", "half")) and subset.get("classes") in (None, 1000)
-            and (budget is None or budget.get("classes") == 1000))
+    return (all(subset.get(k) is None for k in ("grouping", "exclude", "half"))
+            and subset.get("classes") in (None, 1000) and (budget is None or budget.get("classes") == 1000))
 
 
 def wants_probes(choice: Any, subsets: list[DictConfig]) -> bool:

@@ -226,9 +226,10 @@ class StopRequest:
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+def write_metrics_csv(path: Path, history: list[dict[str, Any]], fields: list[str] = METRICS) -> None:
+    """One row per epoch (pre-training: ``METRICS``; the probe: its own columns)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     store.atomic_write_text(path, buf.getvalue())

@@ -17,8 +17,6 @@ never enters the pre-training's hash, so a finished pre-training gains it withou
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import time
@@ -61,7 +59,8 @@ def stage(cfg: DictConfig) -> store.Stage:
 def check(p: DictConfig) -> None:
     steps = list(p.steps)
     if any(not isinstance(s, int) or not 0 < s < int(p.epochs) for s in steps) or steps != sorted(steps):
-        raise UserError(f"probe.steps={steps}: expected increasing epochs between 1 and probe.epochs-1={int(p.epochs) - 1}")
+        raise UserError(f"probe.steps={steps}: expected increasing epochs between 1 and "
+                        f"probe.epochs-1={int(p.epochs) - 1}")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -211,13 +210,10 @@ def probe(cfg: DictConfig, st: store.Stage, pre_dir: Path, full: Path) -> dict[s
              scores["top1"], scores["top5"], pre_metrics["num_classes"], pre_metrics.get("top1"))
     store.atomic_torch_save(st.path / "head.pt", {"weight": head.weight.cpu(), "bias": head.bias.cpu(),
                                                   "mean": mean, "std": std})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", "lr", "loss"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    store.atomic_write_text(st.path / "metrics.csv", buf.getvalue())
+    pretrain.write_metrics_csv(st.path / "metrics.csv", history, ["epoch", "lr", "loss"])
+    change = round(history[-2]["loss"] - history[-1]["loss"], 6) if len(history) > 1 else None
     return {**scores, "num_classes": num_classes, "train_rows": len(train_y), "val_images": len(val_y),
-            "pretrain": st.spec["pretrain"], "pretrain_dir": str(pre_dir), "pretrain_classes": pre_metrics["num_classes"],
-            "pretrain_top1": pre_metrics.get("top1"), "schedule": OmegaConf.to_container(p, resolve=True),
-            "final_loss": history[-1]["loss"],
-            "loss_change_last_epoch": round(history[-2]["loss"] - history[-1]["loss"], 6) if len(history) > 1 else None}
+            "pretrain": st.spec["pretrain"], "pretrain_dir": str(pre_dir),
+            "pretrain_classes": pre_metrics["num_classes"], "pretrain_top1": pre_metrics.get("top1"),
+            "schedule": OmegaConf.to_container(p, resolve=True), "final_loss": history[-1]["loss"],
+            "loss_change_last_epoch": change}

@@ -18,7 +18,8 @@ from ..config import locate
 from ..errors import UserError
 from .backbone import CAFFE_MEAN, CAFFE_STD, MEAN, STD, Backbone, DetectionParts, normalize
 
-__all__ = ["BUILTIN", "CAFFE_MEAN", "CAFFE_STD", "MEAN", "STD", "Backbone", "DetectionParts", "build", "load_pretrained", "normalize"]
+__all__ = ["BUILTIN", "CAFFE_MEAN", "CAFFE_STD", "MEAN", "STD", "Backbone", "DetectionParts", "build",
+           "load_pretrained", "normalize"]
 
 BUILTIN: dict[str, str] = {
     "alexnet": "imnet_ablate.models.alexnet:alexnet",
