@@ -1,6 +1,7 @@
 """Stage folder names are a contract with users: a finished pre-training (GPU-days) or transfer must be found again
 after an upgrade. These names were computed by imnet-ablate 0.1.0 (commit 7fca60b) and must never change silently;
-a deliberate change needs a version field in the stage spec and a line in README's changelog.
+a deliberate change needs a version field in the stage spec and a line in README's changelog (the changed ones say
+so, with their 0.1 names).
 
 The subset stage's hash includes the ImageNet root's absolute path, so the tree lives at a fixed path.
 """
@@ -22,16 +23,21 @@ PINNED = {
     'subset 250pc': '250pc-e664e8aed19e',
     'subset wordnet-127': 'wordnet-127-c318abd0439e',
     'subset nopascal-771': 'nopascal-771-b7bc94fcf541',
-    'pretrain full alexnet_small demo': 'full-alexnet_small-6ee860438a5d',
-    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-e0197eb95506',
+    # 0.2: train=demo version 2 (6 epochs, same_iterations: 0.1's recipe left small sets untrained); 0.1: 6ee860438a5d,
+    # e0197eb95506
+    'pretrain full alexnet_small demo': 'full-alexnet_small-5b4cf88c09aa',
+    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-87abb4f32c14',
     'pretrain full alexnet caffe': 'full-alexnet-13da4c189eb5',
     'pretrain 250pc alexnet caffe': '250pc-alexnet-4858f01af784',
-    'pretrain full alexnet_caffe caffe': 'full-alexnet_caffe-6f1c19371f88',
-    'pretrain 250pc alexnet_caffe caffe': '250pc-alexnet_caffe-0d09025475f5',
+    # 0.2: model.version 2 (Caffe's input convention, squash, dropout after ReLU, bias 0.1); 0.1: 6f1c19371f88,
+    # 0d09025475f5
+    'pretrain full alexnet_caffe caffe': 'full-alexnet_caffe-e1f1df35a8f1',
+    'pretrain 250pc alexnet_caffe caffe': '250pc-alexnet_caffe-b59ba02f7562',
     'pretrain full alexnet same_iterations seed1': 'full-alexnet-f601e239a4c3',
     'transfer data=demo task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-f0d3f613cb53',
     'transfer data=demo task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-003127adaf96',
-    'transfer data=demo task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-84b11ec5aca7',
+    # 0.2: finetune version 2 (test crops at the training scale, frozen batch norm); 0.1: 84b11ec5aca7, 46900c7c2e9d
+    'transfer data=demo task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-20e143be8d43',
     'transfer data=demo task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-f0d3f613cb53',
     'transfer data=demo task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-1269e4471ab4',
     'transfer data=demo task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-23f22c52d094',
@@ -41,7 +47,7 @@ PINNED = {
     'transfer data=demo torchvision voc-det': 'voc-det-torchvision-1a0aeec62d5f',
     'transfer data=imagenet task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
     'transfer data=imagenet task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-d4f84399a567',
-    'transfer data=imagenet task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-46900c7c2e9d',
+    'transfer data=imagenet task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-e12e7ceb6d4a',
     'transfer data=imagenet task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
     'transfer data=imagenet task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-3751b83aea91',
     'transfer data=imagenet task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-88a7574010c6',

@@ -1,6 +1,7 @@
 """`ablate run` and `ablate report` on the tiny demo: the whole chain, resumption, missing runs, sweeps."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides
 
@@ -17,12 +20,13 @@ pytestmark = pytest.mark.slow
 
 # Pre-trainings of a few seconds: 16 random classes of the tiny demo, 1 epoch.
 TINY = ["subset.classes=16", "subset.name=x16", "train.batch_size=16", "train.schedule.length=1",
-        "train.schedule.step_every=1", "loader.num_workers=0", "jobs=2"]
+        "train.schedule.step_every=1", "train.budget=same_epochs", "loader.num_workers=0"]
+RUN = ["jobs=2", "transfer_seeds=1", "imagenet_probe=false"]  # one transfer per network, no 1000-way probe
 SETS = "experiment.sets=[{label:full,subset:full},{label:scratch,subset:full,pretrain:scratch}]"
 
 
 def args(cache: Path, tmp: Path, *extra: str) -> list[str]:
-    return [*tiny_demo_overrides(cache, tmp / "runs"), *TINY, SETS, f"paths.results={tmp / 'results'}", *extra]
+    return [*tiny_demo_overrides(cache, tmp / "runs"), *TINY, *RUN, SETS, f"paths.results={tmp / 'results'}", *extra]
 
 
 def stages_line(stdout: str) -> tuple[int, int]:
@@ -55,21 +59,22 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
     plan = run_ablate("run", *args(demo_cache, tmp_path, "plan=true"))
     assert plan.returncode == 0 and "3 done, 0 to run" in plan.stdout
 
-    # estimates come from finished stages of the same recipe: seed 1 of the same stages is timed, voc-det is not
-    more = run_ablate("run", *args(demo_cache, tmp_path, "plan=true", "seeds=2", "tasks=[voc-cls,voc-det]"))
+    # estimates come from finished stages of the same recipe: pre-training seed 1 of the same stages is timed,
+    # voc-det is not (scratch's transfers do not depend on the pre-training seed: already done)
+    more = run_ablate("run", *args(demo_cache, tmp_path, "plan=true", "pretrain_seeds=2", "tasks=[voc-cls,voc-det]"))
     assert more.returncode == 0, more.stderr[-3000:]
-    todo = {tuple(row.split()[1:5]): row.split()[5] for row in more.stdout.splitlines() if row.startswith("todo ")}
-    assert len(todo) == 7 and all(todo[("transfer", s, "voc-det-demo", d)] == "unknown"
-                                  for s in ("full", "scratch") for d in "01"), todo
-    timed = [("pretrain", "full", "-", "1"), ("transfer", "full", "voc-cls-demo", "1"),
-             ("transfer", "scratch", "voc-cls-demo", "1")]
+    rows = [row.split() for row in more.stdout.splitlines() if row.startswith("todo ")]
+    todo = {(r[1], r[2], r[4], r[5]): r[7] for r in rows}  # (stage, set, task, pre-training seed) -> estimate
+    assert len(todo) == 5 and all(todo[("transfer", s, "voc-det-demo", p)] == "unknown"
+                                  for s, p in (("full", "0"), ("full", "1"), ("scratch", "-"))), todo
+    timed = [("pretrain", "full", "-", "1"), ("transfer", "full", "voc-cls-demo", "1")]
     assert all(re.fullmatch(r"~\d+:\d\d", todo[k]) for k in timed), todo
-    assert "3 done, 7 to run; about " in more.stdout and "for 3 of them" in more.stdout and "; 4 unknown" in more.stdout
+    assert "3 done, 5 to run; about " in more.stdout and "for 2 of them" in more.stdout and "; 3 unknown" in more.stdout
 
 
 def test_report_lists_missing_runs_instead_of_failing(demo_cache, tmp_path):
     assert run_ablate("run", *args(demo_cache, tmp_path)).returncode == 0
-    report = run_ablate("report", *args(demo_cache, tmp_path, "seeds=2"))  # seed 1 was never run
+    report = run_ablate("report", *args(demo_cache, tmp_path, "transfer_seeds=2"))  # seed 1 was never run
     assert report.returncode == 0, report.stderr[-3000:]
     assert "missing runs (2):" in report.stdout  # seed 1's two transfers (pre-trained and scratch)
     assert "seed 1" in report.stdout and "seed 0" not in report.stdout.split("missing runs")[1]
@@ -101,13 +106,13 @@ def test_killed_run_resumes_without_redoing_finished_stages(demo_cache, tmp_path
 
 
 def test_multirun_over_two_presets_gives_two_folders_and_one_table(demo_cache, tmp_path):
-    common = [*tiny_demo_overrides(demo_cache, tmp_path / "runs"), *TINY[:-1]]
+    common = [*tiny_demo_overrides(demo_cache, tmp_path / "runs"), *TINY]
     sweep = run_ablate("transfer", "-m", "subset=full,250pc", *common)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert len(list((tmp_path / "runs" / "pretrain").iterdir())) == 2
     assert len([p for p in (tmp_path / "runs" / "transfer").iterdir() if (p / "DONE").exists()]) == 2
     sets = "experiment.sets=[{label:full,subset:full},{label:250pc,subset:250pc}]"
-    report = run_ablate("report", *common, sets, f"paths.results={tmp_path / 'results'}")
+    report = run_ablate("report", *common, *RUN[1:], sets, f"paths.results={tmp_path / 'results'}")
     assert report.returncode == 0, report.stderr[-3000:]
     rows = [ln for ln in report.stdout.splitlines() if ln.startswith("| voc-cls")]
     assert len(rows) == 2 and "missing runs" not in report.stdout
@@ -128,3 +133,53 @@ def test_plan_writes_nothing(demo_cache, tmp_path):
     fresh = run_ablate("run", *args(tmp_path / "empty-cache", tmp_path, "plan=true"))
     assert fresh.returncode == 2 and "not generated yet" in fresh.stderr and "Traceback" not in fresh.stderr
     assert not (tmp_path / "empty-cache").exists()
+def plan_rows(stdout: str) -> list[dict[str, str]]:
+    """The rows `ablate run plan=true` prints: status, stage, set, budget, task, pre-training seed, seed, estimate,
+    folder."""
+    keys = ["status", "kind", "set", "budget", "task", "pre", "seed", "estimate", "folder"]
+    return [dict(zip(keys, line.split())) for line in stdout.splitlines() if line.startswith(("todo ", "done "))]
+
+
+def test_plan_has_one_pre_training_per_set_and_three_transfers_of_it(demo_cache, tmp_path):
+    proc = run_ablate("run", "experiment=demo", "pretrain_seeds=1", "transfer_seeds=3", "plan=true",
+                      *tiny_demo_overrides(demo_cache, tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = plan_rows(proc.stdout)
+    pretrainings = {r["set"]: Path(r["folder"]).name for r in rows if r["kind"] == "pretrain"}
+    assert sorted(pretrainings) == ["250pc", "full", "nopascal-771", "wordnet-127"]  # one each
+    for label, folder in pretrainings.items():
+        transfers = [r for r in rows if r["kind"] == "transfer" and r["set"] == label]
+        assert sorted(r["seed"] for r in transfers) == ["0", "1", "2"] and {r["pre"] for r in transfers} == {"0"}
+        assert all(Path(r["folder"]).name.startswith(f"voc-cls-{folder}-") for r in transfers)  # that very network
+    assert sorted(r["seed"] for r in rows if r["set"] == "scratch") == ["0", "1", "2"]
+    assert sorted(r["set"] for r in rows if r["kind"] == "probe") == sorted(pretrainings)  # some sets are not fine
+
+
+def test_budget_both_plans_smaller_sets_under_each_rule_and_full_once(demo_cache, tmp_path):
+    sets = "experiment.sets=[{label:full,subset:full},{label:250pc,subset:250pc,demo:{subset.images_per_class:2}}]"
+    proc = run_ablate("run", sets, "budget=both", "transfer_seeds=1", "plan=true",
+                      *tiny_demo_overrides(demo_cache, tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pre = [(r["set"], r["budget"]) for r in plan_rows(proc.stdout) if r["kind"] == "pretrain"]
+    # full keeps every image: one schedule under both rules, trained once under the recipe's (train=demo's) rule
+    assert sorted(pre) == [("250pc", "same_epochs"), ("250pc", "same_iterations"), ("full", "same_iterations")]
+
+
+def test_seeds_axes_tie_each_row_to_its_own_pre_training(demo_cache, tmp_path):
+    """2 pre-trainings x 2 transfers, with the 1000-way probe: every run's top-1 is its own pre-training's."""
+    proc = run_ablate("run", *args(demo_cache, tmp_path, "pretrain_seeds=2", "transfer_seeds=2", "imagenet_probe=true",
+                                   "probe.epochs=2", "probe.steps=[1]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stages_line(proc.stdout) == (2 + 2 + 4 + 2, 0)  # pre-trainings, probes, transfers, scratch transfers
+    runs = pd.read_csv(run_dir_of(proc) / "runs.csv")
+    full = runs[runs["set"] == "full"]
+    assert sorted(zip(full["pretrain_seed"], full["seed"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    tops = {}
+    for folder in (tmp_path / "runs" / "pretrain").iterdir():
+        seed = int(OmegaConf.load(folder / "config.yaml").seed)
+        tops[seed] = json.loads((folder / "metrics.json").read_text())["top1"]
+    assert len(tops) == 2 and all(r.pretrain_top1 == tops[int(r.pretrain_seed)] for r in full.itertuples())
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| voc-cls | full")][0].split(" | ")
+    assert "± std over 2 pre-trainings x 2 transfers" in proc.stdout and table[11] == "2 x 2"
+    assert float(table[7].split()[0]) == pytest.approx(sum(tops.values()) / 2, abs=0.05)
+    assert table[8] != "-"  # the probe's ImageNet top-1 / top-5

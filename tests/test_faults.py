@@ -31,7 +31,8 @@ SEED = 20261126
 # A pre-training of a few seconds: 16 random classes x 4 images, 2 epochs of 4 steps, a checkpoint every step.
 SUBSET = ["subset.classes=16", "subset.name=fi16"]
 TINY = SUBSET + ["train.batch_size=16", "train.schedule.length=2", "train.schedule.step_every=1",
-                 "train.deterministic=true", "train.checkpoint_every=1", "loader.num_workers=0"]
+                 "train.budget=same_epochs", "train.deterministic=true", "train.checkpoint_every=1",
+                 "loader.num_workers=0"]
 # Fine-tuning (not the cheap linear probe) so that transfer's own checkpoints are resumed.
 FINETUNE = ["task=voc-cls-demo", "task.protocol=finetune", "task.finetune.iterations=12",
             "task.finetune.batch_size=16", "task.finetune.checkpoint_every=2", "task.finetune.optimizer.steps=[8]"]
@@ -243,7 +244,8 @@ def test_kill_transfer(tiny: dict, tmp_path: Path) -> None:
 
 def test_kill_run(tiny: dict, tmp_path: Path) -> None:
     def args(runs: Path, results: Path) -> list[str]:
-        return ["run", *overrides(tiny, runs, TINY), SETS, "jobs=2", f"paths.results={results}"]
+        return ["run", *overrides(tiny, runs, TINY), SETS, "jobs=2", "transfer_seeds=1", "imagenet_probe=false",
+                f"paths.results={results}"]
 
     reference = tmp_path / "reference"
     t0 = time.perf_counter()
@@ -323,7 +325,7 @@ def test_unwritable_runs_folder_is_one_line_exit_2(tiny: dict, tmp_path: Path) -
 RANGE_CASES = [
     ("subset", "subset.images_per_class=0", ["subset.images_per_class=0", "expected null or an integer >= 1"]),
     ("subset", "subset.classes=-4", ["subset.classes=-4", "expected"]),
-    ("run", "seeds=0", ["seeds=0", "expected an integer >= 1"]),
+    ("run", "transfer_seeds=0", ["seeds=0", "expected an integer >= 1"]),
     ("data check", "check.workers=0", ["check.workers=0", "expected 'auto' or an integer >= 1"]),
     ("pretrain", "train.batch_size=0", ["train.batch_size=0", "expected an integer >= 1"]),
     ("pretrain", "train.optimizer.lr=-1", ["train.optimizer.lr=-1", "expected a number in (0, inf)"]),

@@ -11,9 +11,13 @@ from torch import nn
 from conftest import REPO
 from imnet_ablate import models
 from imnet_ablate.errors import UserError
+from imnet_ablate.models.alexnet import ReverseChannels
 
 CONFIGS = {name: OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
            for name in ("alexnet", "alexnet_caffe", "alexnet_small")}
+# alexnet_caffe as 0.1 built it (no version key: torchvision's statistics, dropout before fc6/fc7, CaffeNet's bias 1)
+CAFFE_0_1 = OmegaConf.create({"name": "alexnet_caffe", "input_size": 227, "resize": 256, "dropout": 0.5,
+                              "init": "caffe"})
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +28,7 @@ def few_threads():
 @pytest.mark.parametrize("name,size,params,grid", [
     ("alexnet", 224, 61_100_840, 6), ("alexnet_caffe", 227, 60_965_224, 6), ("alexnet_small", 28, None, 3)])
 def test_named_parts_and_shapes(name: str, size: int, params: int | None, grid: int) -> None:
-    cfg = CONFIGS[name]
+    cfg = CAFFE_0_1 if name == "alexnet_caffe" else CONFIGS[name]
     model = models.build(cfg, 1000)
     assert cfg.input_size == size == model.input_size
     if params:  # the published parameter counts (torchvision's alexnet; bvlc_alexnet's deploy.prototxt)
@@ -42,7 +46,7 @@ def test_named_parts_and_shapes(name: str, size: int, params: int | None, grid: 
 
 
 def test_caffe_layout_has_lrn_groups_and_caffe_init() -> None:
-    model = models.build(CONFIGS["alexnet_caffe"], 10)
+    model = models.build(CAFFE_0_1, 10)
     convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [96, 256, 384, 384, 256]
     assert [c.groups for c in convs] == [1, 2, 1, 2, 2]
@@ -84,3 +88,19 @@ def test_load_pretrained_rebuilds_from_the_folder(tmp_path) -> None:
 def test_unknown_model_is_a_user_error() -> None:
     with pytest.raises(UserError, match="model.name=vgg"):
         models.build({"name": "vgg", "input_size": 224}, 10)
+
+
+def test_alexnet_caffe_version_2_is_bvlc_alexnet_as_caffe_trained_it() -> None:
+    """Dropout after the ReLUs of fc6/fc7 (drop6/drop7), bias 0.1, channel reversal first in the trunk (so the
+    detector's trunk has it too), the same parameters as 0.1's network and as bvlc_alexnet's deploy.prototxt."""
+    model = models.build(CONFIGS["alexnet_caffe"], 1000)
+    for fc in (model.fc6, model.fc7):
+        assert [type(m) for m in fc] == [nn.Linear, nn.ReLU, nn.Dropout] and fc[0].out_features == 4096
+    convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
+    assert [c.bias[0].item() for c in convs] == pytest.approx([0.0, 0.1, 0.0, 0.1, 0.1])
+    assert model.fc6[0].bias[0].item() == pytest.approx(0.1) and model.head.bias.abs().max().item() == 0.0
+    assert sum(p.numel() for p in model.parameters()) == 60_965_224
+    assert isinstance(model.trunk[0], ReverseChannels)
+    assert isinstance(model.detection_parts(16).trunk[0], ReverseChannels)
+    assert (model.pixel_mean, model.pixel_std) == (models.CAFFE_MEAN, models.CAFFE_STD)
+    assert models.build(CONFIGS["alexnet"], 10).pixel_mean == models.MEAN  # torchvision's stays torchvision's

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_DEMO, run_ablate, run_dir_of, tiny_demo_overrides
 from imnet_ablate import datasets, evaluate, models, source, transfer, voc
-from imnet_ablate.tasks import voc_det
+from imnet_ablate.tasks import training, voc_det
 from imnet_ablate.config import conf_dir
 from imnet_ablate.errors import UserError
 from imnet_ablate.store import Stage
@@ -82,6 +82,40 @@ def test_finetune_writes_a_resumable_checkpoint(demo_cache, tmp_path, pretrained
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 4 and {"model", "optimizer", "scheduler", "rng"} <= set(state)
     assert read_metrics(out)["protocol"] == "finetune" and len(list((out / "results").iterdir())) == 20
+
+
+def test_finetuning_keeps_the_pre_trained_batch_norm_statistics(demo_cache, tmp_path):
+    """alexnet_small has batch norm: fine-tuning a pre-trained one (batch 8 here, 32 by default) keeps the
+    statistics pre-training learned."""
+    torch.manual_seed(0)
+    model_cfg = {"name": "alexnet_small", "input_size": 28, "resize": 32, "dropout": 0.0, "init": "default",
+                 "batchnorm": True}
+    model = models.build(model_cfg, 10)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    stage = Stage(tmp_path / "runs", "pretrain", "bn-alexnet_small", {"test": 2})
+    stage.path.mkdir(parents=True)
+    (stage.path / "config.yaml").write_text(OmegaConf.to_yaml({"model": model_cfg}))
+    (stage.path / "metrics.json").write_text(json.dumps({"num_classes": 10}))
+    torch.save(model.state_dict(), stage.path / "model.pt")
+    stage.finish(["config.yaml", "metrics.json", "model.pt"])
+    out = transfer.run(config(demo_cache, tmp_path, f"pretrain={stage.path}", "task=voc-cls-demo",
+                              "task.protocol=finetune", "task.finetune.iterations=4", "task.finetune.batch_size=8"))
+    tuned = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    stats = [k for k in model.state_dict() if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 8 and all(torch.equal(tuned[k], model.state_dict()[k]) for k in stats)
+
+
+def test_test_views_are_crops_of_the_training_scale():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    two = training.test_views(x, 28, 2)
+    centre = x[..., 2:30, 2:30]
+    assert len(two) == 2 and torch.equal(two[0], centre) and torch.equal(two[1], centre.flip(-1))
+    ten = training.test_views(x, 28, 10)
+    assert len(ten) == 10 and all(v.shape == (2, 3, 28, 28) for v in ten)
+    assert torch.equal(ten[1], x[..., :28, :28]) and torch.equal(ten[4], x[..., 4:, 4:])  # corners: Caffe's oversample
 
 
 def test_detection_results_files_rescore_to_metrics(demo_cache, tmp_path, pretrained):

@@ -109,7 +109,7 @@ def test_control_characters_in_a_value_stay_on_one_line():
     ("transfer", "task.linear.iterations=-5", "task.linear.iterations=-5: expected an integer >= 1"),
     ("transfer", "task=voc-det task.box_nms_thresh=3", "task.box_nms_thresh=3: expected a number in [0, 1]"),
     ("subset", "subset.images_per_class=0", "subset.images_per_class=0: expected null or an integer >= 1"),
-    ("run", "seeds=0", "seeds=0: expected an integer >= 1"),
+    ("run", "pretrain_seeds=0", "seeds=0: expected an integer >= 1"),
 ])
 def test_bad_values_are_one_line_exit_2_before_any_work(tmp_path, command, override, words):
     proc = run_ablate(command, *override.split(), f"paths.runs={tmp_path / 'runs'}", f"paths.cache={tmp_path / 'c'}")

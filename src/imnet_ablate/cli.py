@@ -63,6 +63,10 @@ COMMANDS: dict[str, Command] = {
         "ablate pretrain subset=wordnet-127 model=alexnet train=caffe data=imagenet data.root=/data/imagenet",
         "ablate pretrain train.devices=4 loader=packed",
     ), sized=True),
+    "probe": Command("probe", "imnet_ablate.probe:run", "the 1000-way ImageNet top-1 of a reduced-class network", (
+        "ablate probe subset=wordnet-127",
+        "ablate probe subset=nopascal-771 model=alexnet train=caffe data=imagenet data.root=/data/imagenet",
+    )),
     "transfer": Command("transfer", "imnet_ablate.transfer:run", "transfer a pre-trained network to a task", (
         "ablate transfer task=voc-cls-demo subset=250pc",
         "ablate transfer task=voc-det-demo pretrain=scratch",
@@ -77,12 +81,13 @@ COMMANDS: dict[str, Command] = {
     )),
     "run": Command("run", "imnet_ablate.experiments:run", "run an experiment: every stage not done yet, then report", (
         "ablate run experiment=demo",
-        "ablate run experiment=demo seeds=3 jobs=2",
+        "ablate run experiment=demo pretrain_seeds=3 transfer_seeds=1 jobs=2",
+        "ablate run experiment=images-per-class budget=both",
         "ablate run experiment=images-per-class plan=true",
     )),
     "report": Command("report", "imnet_ablate.experiments:report", "collect finished runs into tables and plots", (
         "ablate report experiment=demo",
-        "ablate report experiment=demo seeds=3",
+        "ablate report experiment=demo pretrain_seeds=3 transfer_seeds=1",
     )),
     "bench": Command("bench", "imnet_ablate.bench:run", "time the loader, the model and the train step", (
         "ablate bench what=loader",

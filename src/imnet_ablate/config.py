@@ -1,7 +1,7 @@
 """Where the config tree is, composing a command's config as the CLI would, and locating ``_target_`` code.
 
 Shared by the CLI and by every stage that composes another command's config (``ablate run`` plans pre-trainings
-and transfers; pre-training composes ``subset=full`` for the 1000-way probe), so no stage imports the CLI back.
+and transfers; the 1000-way probe composes ``subset=full``), so no stage imports the CLI back.
 """
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """``ablate run experiment=<name>``: the stage graph of one of the paper's questions, run until nothing is left.
 
-An experiment (``conf/experiment/<name>.yaml``) lists pre-training sets and transfer tasks. For every set x task x
-seed this module composes the same configs that ``ablate pretrain`` and ``ablate transfer`` would, finds each
-stage's content-hashed folder, and runs only the stages whose folder is not DONE: a rerun after Ctrl-C, kill -9 or
-a lost node continues where it stopped, and a pre-training shared with another experiment is reused. Independent
-stages run in parallel as single-threaded processes (``jobs``), which on a small CPU machine beats one process
-using every core; each log line of a stage starts with its tag (``[voc-det-demo full seed 0]``), and its first line
-says what runs and how long the plan estimates it, from finished stages of the same recipe.
+An experiment (``conf/experiment/<name>.yaml``) lists pre-training sets and transfer tasks. For every budget rule
+(``budget``), pre-training seed (``pretrain_seeds``) and set, this module composes the same configs that
+``ablate pretrain``, ``ablate probe`` and ``ablate transfer`` would (demo-sized on the demo data): the set's
+pre-training, its 1000-way probe (``imagenet_probe``), and ``transfer_seeds`` transfers per task of that very
+pre-training (transfer k of pre-training p: ``pretrain_seed=p seed=k``, the paper's repeated fine-tuning of one
+network). It finds each stage's content-hashed folder and runs only the stages whose folder is not DONE: a rerun
+after Ctrl-C, kill -9 or a lost node continues where it stopped, and a pre-training shared with another experiment
+is reused. Independent stages run in parallel as single-threaded processes (``jobs``), which on a small CPU machine
+beats one process using every core; each log line of a stage starts with its tag (``[voc-det-demo full seed 0]``),
+and its first line says what runs and how long the plan estimates it, from finished stages of the same recipe.
 """
 from __future__ import annotations
 
@@ -30,23 +33,33 @@ from .config import app_overrides
 from .errors import UserError
 from .progress import duration
 from .store import Stage, read_only, spec_hash
+from .tasks import task_for
 
 log = logging.getLogger(__name__)
 
-RUN_ONLY_KEYS = {"experiment", "seeds", "jobs", "plan", "tasks"}  # keys of conf/run.yaml that stages don't have
+# keys of conf/run.yaml that stages don't have
+RUN_ONLY_KEYS = {"experiment", "seeds", "pretrain_seeds", "transfer_seeds", "budget", "imagenet_probe", "jobs", "plan",
+                 "tasks"}
 TRANSFER_ONLY_KEYS = {"task", "pretrain"}
+PROBE_ONLY_KEYS = {"probe"}
+SEED_KEYS = {"seed", "pretrain_seed"}  # set per stage from pretrain_seeds / transfer_seeds
+BUDGETS = ("same_epochs", "same_iterations")
 
 
 @dataclass
 class Job:
-    kind: str  # "pretrain" | "transfer"
+    kind: str  # "pretrain" | "probe" | "transfer"
     label: str  # the pre-training set's label in the experiment
-    seed: int
+    seed: int  # the stage's own seed: a pre-training's (and its probe's) pretrain seed, a transfer's transfer seed
     cfg: DictConfig  # the composed config of the stage's own command
     stage: Stage
-    task: str | None = None
+    task: str | None = None  # transfers: the task preset that runs (voc-det-demo on the demo)
     subset: Stage | None = None
     deps: list[Job] = field(default_factory=list)
+    budget: str | None = None  # the budget rule of the table group the job is reported in
+    pretrain_seed: int | None = None  # transfers of a pre-trained network: the seed of that pre-training
+    probe: Job | None = None  # transfers: the 1000-way probe of their pre-training, if planned
+    fine_classes: bool = False  # pre-trainings: on ImageNet's 1000 fine classes (their own top-1 is the 1000-way one)
     estimate: float | None = None  # seconds, from finished stages of the same recipe (None: no such stage yet)
 
     @property
@@ -62,6 +75,8 @@ class Job:
         if self.kind == "pretrain":
             subset = self.subset.path.name if self.subset is not None else self.cfg.get("subset_dir")
             return f"pre-train {self.cfg.model.name} (train={self.cfg.train.name}) on subset {subset}"
+        if self.kind == "probe":
+            return f"1000-way probe of {self.deps[0].stage.name}"
         return f"{self.task} from {self.cfg.pretrain if self.cfg.pretrain != 'subset' else self.deps[0].stage.name}"
 
 
@@ -73,6 +88,10 @@ def user_overrides() -> list[str]:
 
 def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
+
+
+def _without(overrides: list[str], keys: set[str]) -> list[str]:
+    return [o for o in overrides if _override_key(o) not in keys]
 
 
 def set_overrides(entry: DictConfig, data_name: str) -> list[str]:
@@ -92,47 +111,155 @@ def stage_config(config_name: str, overrides: list[str]) -> tuple[DictConfig, si
     return cfg, sized
 
 
-def plan(cfg: DictConfig) -> list[Job]:
-    """Every stage of the experiment, in dependency order, with its folder (nothing is run here). Each stage's
-    config is composed as its own command would compose it, demo-sized on the demo data (``sizing``)."""
-    from . import pretrain, subsets, transfer
+def check_seed_keys(cfg: DictConfig, common: list[str]) -> tuple[int, int]:
+    """(pre-trainings per set, transfers of each); 0.1's ``seeds`` and per-stage seeds are one-line errors."""
+    if cfg.get("seeds") is not None:
+        raise UserError(f"seeds={cfg.seeds}: replaced by pretrain_seeds=N (pre-trainings per set) and "
+                        f"transfer_seeds=M (transfers of each); 0.1's seeds={cfg.seeds} was pretrain_seeds={cfg.seeds} "
+                        "transfer_seeds=1")
+    for override in common:
+        if _override_key(override) in SEED_KEYS:
+            raise UserError(f"{override}: `ablate run` sets each stage's seed itself (transfer k of pre-training p: "
+                            "pretrain_seed=p, seed=k); choose how many with pretrain_seeds=N transfer_seeds=M")
+    return int(cfg.pretrain_seeds), int(cfg.transfer_seeds)
 
+
+def budget_rules(cfg: DictConfig) -> list[str]:
+    """The rules the sets are trained under: ``budget`` (default the recipe's ``train.budget``), or both (the
+    recipe's first)."""
+    chosen = str(cfg.budget)
+    if chosen == "both":
+        return sorted(BUDGETS, key=lambda rule: rule != str(cfg.train.budget))
+    if chosen not in BUDGETS:
+        raise UserError(f"budget={chosen}: expected same_epochs, same_iterations or both")
+    return [chosen]
+
+
+def keeps_every_image(subset: DictConfig) -> bool:
+    """Every class, every image (labels may be merged): the reference set's size, so both budget rules give it the
+    same schedule (up to images a copy lacks) and ``budget=both`` trains it once."""
+    return all(subset.get(k) is None for k in ("images_per_class", "classes", "exclude", "budget", "half"))
+
+
+def fine_classes(subset: DictConfig) -> bool:
+    """ImageNet's 1000 fine classes, unmerged: the set's own top-1 is already the paper's 1000-way number."""
+    budget = subset.get("budget")
+    return (all(subset.get(k) is None for k in ("grouping", "exclude", "half"))
+            and subset.get("classes") in (None, 1000) and (budget is None or budget.get("classes") == 1000))
+
+
+def wants_probes(choice: Any, subsets: list[DictConfig]) -> bool:
+    """``imagenet_probe``: true, false, or auto: probe every pre-trained set of an experiment when some of its sets
+    are not the 1000 fine classes. All of them: a probe's new last layer, trained to convergence on frozen features,
+    is not the same measure as a network's own last layer (on the demo the full set's probe beats its own top-1),
+    so the column compares like with like. Experiments of fine classes only show each set's own top-1."""
+    return any(not fine_classes(s) for s in subsets) if choice == "auto" else bool(choice)
+
+
+class Planner:
+    """Builds the job list: each pre-training and probe once (``add``); a transfer once per table row, so a stage
+    shared by rows (scratch, a set trained once under both rules) has one job per row (``unique`` runs it once)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.exp = cfg, cfg.experiment
+        common = user_overrides()
+        self.pretrain_seeds, self.transfer_seeds = check_seed_keys(cfg, common)
+        self.rules = budget_rules(cfg)
+        self.pretrain_common = _without(common, TRANSFER_ONLY_KEYS | PROBE_ONLY_KEYS)
+        self.probe_common = _without(common, TRANSFER_ONLY_KEYS)
+        self.transfer_common = _without(common, PROBE_ONLY_KEYS)
+        self.jobs: list[Job] = []
+        self.stages: dict[str, Job] = {}
+        self.said: dict[str, None] = {}  # what the demo sizing changed, once each
+        self.probes = wants_probes(cfg.imagenet_probe, [
+            self.compose("pretrain", [*set_overrides(e, str(cfg.data.name)), *self.exp.get("pretrain_overrides", []),
+                                      *self.pretrain_common])[0].subset
+            for e in self.exp.sets if str(e.get("pretrain", "subset")) == "subset"])
+        if self.probes:
+            from . import probe
+
+            probe.check(cfg.probe)  # before any stage runs
+
+    def compose(self, config_name: str, overrides: list[str]) -> tuple[DictConfig, sizing.Sizing]:
+        cfg, sized = stage_config(config_name, overrides)
+        self.said.update(dict.fromkeys(sized.said))
+        return cfg, sized
+
+    def add(self, job: Job) -> Job:
+        """The job of this stage: the first one planned for it (shared by later sets, rules and seeds)."""
+        if job.key not in self.stages:
+            self.stages[job.key] = job
+            self.jobs.append(job)
+        return self.stages[job.key]
+
+    def pretraining(self, entry: DictConfig, chosen: list[str], rule: str, seed: int) -> tuple[Job, list[str]]:
+        """The pre-training job of a set (and its probe, when wanted), and the budget override its transfers take."""
+        from . import pretrain, probe, subsets
+
+        base = [*chosen, f"seed={seed}", *self.exp.get("pretrain_overrides", [])]
+        pcfg, _ = self.compose("pretrain", [*base, *self.pretrain_common, f"train.budget={rule}"])
+        if len(self.rules) > 1 and keeps_every_image(pcfg.subset):
+            pcfg.train.budget = rule = self.rules[0]  # the same schedule under both rules: trained once
+        budget = [f"train.budget={rule}"]
+        job = self.add(Job("pretrain", entry.label, seed, pcfg, pretrain.stage(pcfg), subset=subsets.stage(pcfg),
+                           fine_classes=fine_classes(pcfg.subset)))
+        if self.probes and job.probe is None:
+            qcfg, _ = self.compose("probe", [*base, *self.probe_common, *budget])
+            job.probe = self.add(Job("probe", entry.label, seed, qcfg, probe.stage(qcfg), subset=job.subset,
+                                     deps=[job]))
+        return job, budget
+
+    def transfers(self, entry: DictConfig, chosen: list[str], rule: str, pre: Job | None, budget: list[str],
+                  pretrain_seed: int) -> None:
+        """``transfer_seeds`` transfers per task of one network (pre-trained, or scratch for every seed)."""
+        from . import transfer
+
+        source = str(entry.get("pretrain", "subset"))
+        for seed in range(self.transfer_seeds):
+            for task in self.cfg.tasks:
+                tcfg, sized = self.compose("transfer", [
+                    *chosen, f"task={task}", f"seed={seed}", f"pretrain_seed={pretrain_seed}", f"pretrain={source}",
+                    *self.exp.get("pretrain_overrides", []), *self.exp.get("transfer_overrides", []),
+                    *self.transfer_common, *budget])
+                network = transfer.source_of(tcfg)
+                if pre is not None and network.folder != pre.stage.path:
+                    raise UserError(f"experiment set {entry.label}: its transfers would start from {network.folder}, "
+                                    f"not from the pre-training planned for them ({pre.stage.path}); keys that change "
+                                    "the pre-training belong in experiment.pretrain_overrides")
+                self.jobs.append(Job("transfer", entry.label, seed, tcfg, transfer.stage_for(tcfg, network, task_for(
+                    tcfg.task)), task=sized.task, subset=pre.subset if pre else None, deps=[pre] if pre else [],
+                    budget=rule, pretrain_seed=pretrain_seed if pre else None, probe=pre.probe if pre else None))
+
+
+def plan(cfg: DictConfig) -> list[Job]:
+    """Every stage of the experiment, in dependency order, with its folder (nothing is run here): per budget rule,
+    pre-training seed p and set, the pre-training (and its 1000-way probe) and ``transfer_seeds`` transfers per task.
+    A stage shared by several rows (scratch, a set trained once under both rules) is listed once per table group
+    and run once."""
     exp = cfg.experiment
     if not exp.get("sets"):
         raise UserError(f"experiment {exp.get('name')!r} lists no sets (experiment.sets)")
-    if int(cfg.seeds) < 1:
-        raise UserError(f"seeds={cfg.seeds}: expected a whole number >= 1")
-    common = user_overrides()
-    pretrain_common = [o for o in common if _override_key(o) not in TRANSFER_ONLY_KEYS]
+    planner = Planner(cfg)
     data_name = str(cfg.data.name)
-    jobs: list[Job] = []
-    pretrains: dict[str, Job] = {}
-    said: dict[str, None] = {}  # what the demo sizing changed, once each
-    for seed in range(int(cfg.seeds)):
-        for entry in exp.sets:
-            chosen = set_overrides(entry, data_name)
-            source = str(entry.get("pretrain", "subset"))
-            pre_job = None
-            if source == "subset":
-                pcfg, sized = stage_config("pretrain", [*chosen, f"seed={seed}",
-                                                        *exp.get("pretrain_overrides", []), *pretrain_common])
-                said.update(dict.fromkeys(sized.said))
-                pre_stage = pretrain.stage(pcfg)
-                pre_job = pretrains.get(str(pre_stage.path))
-                if pre_job is None:
-                    pre_job = Job("pretrain", entry.label, seed, pcfg, pre_stage, subset=subsets.stage(pcfg))
-                    pretrains[pre_job.key] = pre_job
-                    jobs.append(pre_job)
-            for task in cfg.tasks:
-                tcfg, sized = stage_config("transfer", [*chosen, f"task={task}", f"seed={seed}",
-                                                        f"pretrain={source}", *exp.get("pretrain_overrides", []),
-                                                        *exp.get("transfer_overrides", []), *common])
-                said.update(dict.fromkeys(sized.said))
-                jobs.append(Job("transfer", entry.label, seed, tcfg, transfer.stage(tcfg), task=sized.task,
-                                subset=pre_job.subset if pre_job else None, deps=[pre_job] if pre_job else []))
-    if said:
-        log.info(sizing.note(said))
-    return jobs
+    for rule in planner.rules:
+        for pretrain_seed in range(planner.pretrain_seeds):
+            for entry in exp.sets:
+                chosen = set_overrides(entry, data_name)
+                pre, budget = None, [f"train.budget={rule}"]
+                if str(entry.get("pretrain", "subset")) == "subset":
+                    pre, budget = planner.pretraining(entry, chosen, rule, pretrain_seed)
+                planner.transfers(entry, chosen, rule, pre, budget, pretrain_seed)
+    if planner.said:
+        log.info(sizing.note(planner.said))
+    return planner.jobs
+
+
+def unique(jobs: list[Job]) -> list[Job]:
+    """One job per stage folder, the first planned for it (what to run, time and list)."""
+    first: dict[str, Job] = {}
+    for job in jobs:
+        first.setdefault(job.key, job)
+    return list(first.values())
 
 
 # -- how long the stages take -------------------------------------------------------------------------------------
@@ -185,11 +312,17 @@ def shown(seconds: float | None) -> str:
 
 
 def print_plan(jobs: list[Job]) -> None:
+    """Each stage once: status, kind, set, budget rule, task, pre-training seed, the stage's seed, the estimate,
+    folder."""
+    jobs = unique(jobs)
     estimate(jobs)
-    print(f"{'status':<8} {'stage':<9} {'set':<18} {'task':<14} {'seed':>4}  {'estimate':>9}  folder")
+    print(f"{'status':<8} {'stage':<9} {'set':<18} {'budget':<16} {'task':<14} {'pre':>3} {'seed':>4}  "
+          f"{'estimate':>9}  folder")
     for job in jobs:
         status = "done" if job.stage.is_done() else "todo"
-        print(f"{status:<8} {job.kind:<9} {job.label:<18} {job.task or '-':<14} {job.seed:>4}  "
+        budget = job.cfg.train.budget if job.kind != "transfer" or job.deps else "-"
+        pre = job.seed if job.kind != "transfer" else job.pretrain_seed if job.pretrain_seed is not None else "-"
+        print(f"{status:<8} {job.kind:<9} {job.label:<18} {budget:<16} {job.task or '-':<14} {pre:>3} {job.seed:>4}  "
               f"{shown(job.estimate) if status == 'todo' else '-':>9}  {job.stage.path}")
     todo = [j for j in jobs if not j.stage.is_done()]
     timed = [j.estimate for j in todo if j.estimate is not None]
@@ -245,7 +378,8 @@ def worker_count(cfg: DictConfig) -> int:
 
 
 def execute(jobs: list[Job], workers: int) -> tuple[int, int]:
-    """Run every job not DONE, each as soon as its dependencies are; returns (ran, reused)."""
+    """Run every stage not DONE, each as soon as its dependencies are; returns (ran, reused)."""
+    jobs = unique(jobs)
     todo = [j for j in jobs if not j.stage.is_done()]
     reused = len(jobs) - len(todo)
     if not todo:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -80,6 +80,14 @@ def resize_short(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(img, [size], antialias=True)
 
 
+def rescale(img: torch.Tensor, size: int, squash: bool) -> torch.Tensor:
+    """The image a crop is taken from: shorter side ``size`` (aspect kept), or ``size`` x ``size`` with ``squash``
+    (Caffe's convert_imageset: every image stretched to 256 x 256, as the paper's networks were trained)."""
+    if not squash:
+        return resize_short(img, size)
+    return img if tuple(img.shape[-2:]) == (size, size) else _resize_square(img, size)
+
+
 def _random_crop_flip(img: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
     """Caffe's augmentation: a random ``size`` x ``size`` window, flipped with probability 1/2."""
     h, w = img.shape[-2:]
@@ -129,19 +137,20 @@ def _random_resized_crop(img: torch.Tensor, size: int, rng: random.Random,
     return out.flip(-1) if rng.random() < 0.5 else out
 
 
-def train_augment(img: torch.Tensor, size: int, resize: int, mode: str, rng: random.Random) -> torch.Tensor:
-    """uint8 CHW -> uint8 ``size`` x ``size`` training crop. ``mode``: ``crop`` (resize the shorter side to
-    ``resize``, random crop + flip: the Caffe recipe) or ``resized_crop`` (RandomResizedCrop + flip)."""
+def train_augment(img: torch.Tensor, size: int, resize: int, mode: str, rng: random.Random, squash: bool = False
+                  ) -> torch.Tensor:
+    """uint8 CHW -> uint8 ``size`` x ``size`` training crop. ``mode``: ``crop`` (``rescale`` to ``resize``, random
+    crop + flip: the Caffe recipe) or ``resized_crop`` (RandomResizedCrop + flip, which picks its own aspect)."""
     if mode == "crop":
-        return _random_crop_flip(resize_short(img, resize), size, rng)
+        return _random_crop_flip(rescale(img, resize, squash), size, rng)
     if mode == "resized_crop":
         return _random_resized_crop(img, size, rng)
     raise UserError(f"train.augment={mode}: expected crop or resized_crop")
 
 
-def val_transform(img: torch.Tensor, size: int, resize: int) -> torch.Tensor:
-    """uint8 CHW -> the centre ``size`` crop of the image resized to shorter side ``resize``."""
-    return TF.center_crop(resize_short(img, resize), [size, size])
+def val_transform(img: torch.Tensor, size: int, resize: int, squash: bool = False) -> torch.Tensor:
+    """uint8 CHW -> the centre ``size`` crop of the image ``rescale``d to ``resize``."""
+    return TF.center_crop(rescale(img, resize, squash), [size, size])
 
 
 def aug_seed(seed: int, epoch: int, index: int) -> int:
@@ -156,11 +165,19 @@ class Transform:
     size: int
     resize: int
     mode: str  # crop | resized_crop | val
+    squash: bool = False  # resize x resize instead of the shorter side (the model config's ``squash``)
 
     def __call__(self, img: torch.Tensor, seed: int) -> torch.Tensor:
         if self.mode == "val":
-            return val_transform(img, self.size, self.resize)
-        return train_augment(img, self.size, self.resize, self.mode, random.Random(seed))
+            return val_transform(img, self.size, self.resize, self.squash)
+        return train_augment(img, self.size, self.resize, self.mode, random.Random(seed), self.squash)
+
+
+def transforms(model_cfg: DictConfig, train_cfg: DictConfig) -> tuple[Transform, Transform]:
+    """(train, val) transforms of a model config (input size, resize, squash) and a recipe (augmentation): the one
+    place every backend takes them from."""
+    size, resize, squash = int(model_cfg.input_size), int(model_cfg.resize), bool(model_cfg.get("squash", False))
+    return Transform(size, resize, str(train_cfg.augment), squash), Transform(size, resize, "val", squash)
 
 
 def read_split(subset_dir: Path, split: str) -> tuple[list[str], list[int]]:
@@ -309,15 +326,14 @@ def files_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfi
                    ) -> tuple[Dataset, Dataset]:
     """(train, val) for ``loader=files``: every image decoded from its own file."""
     root = data_root(subset_dir)
-    size, resize = int(model_cfg.input_size), int(model_cfg.resize)
+    train_t, val_t = transforms(model_cfg, train_cfg)
     limit = max_pixels(loader_cfg)
-    train = FilesDataset(root, *read_split(subset_dir, "train"), Transform(size, resize, str(train_cfg.augment)),
-                         limit)
-    val = FilesDataset(root, *read_split(subset_dir, "val"), Transform(size, resize, "val"), limit)
-    return train, val
+    return (FilesDataset(root, *read_split(subset_dir, "train"), train_t, limit),
+            FilesDataset(root, *read_split(subset_dir, "val"), val_t, limit))
 
 
 def max_pixels(section: DictConfig) -> int:
     """``loader.max_pixels`` or ``pack.max_pixels``: both follow ``data.max_pixels``, the limit ``ablate data
     check`` applies, so an image it calls too large is one every reader refuses."""
-    return int(section.get("max_pixels") or inputs.DEFAULT_MAX_PIXELS)
+    value = OmegaConf.select(section, "max_pixels", default=None, throw_on_resolution_failure=False)
+    return int(value or inputs.DEFAULT_MAX_PIXELS)  # a section read on its own (no data.*): the default limit

@@ -312,8 +312,6 @@ def build_datasets(subset_dir: Path, model_cfg: DictConfig, train_cfg: DictConfi
     if (indices < 0).any():
         log.warning("%d training images of %s are not in %s (unreadable when packed); they are skipped",
                     int((indices < 0).sum()), subset_dir, folder)
-    size, resize = int(model_cfg.input_size), int(model_cfg.resize)
-    train = PackedDataset(store, indices, labels, paths, loaders.Transform(size, resize, str(train_cfg.augment)))
-    val = loaders.FilesDataset(root, *loaders.read_split(subset_dir, "val"), loaders.Transform(size, resize, "val"),
-                               loaders.max_pixels(loader_cfg))
-    return train, val
+    train_t, val_t = loaders.transforms(model_cfg, train_cfg)  # squash: the stored image, stretched to a square
+    return (PackedDataset(store, indices, labels, paths, train_t),
+            loaders.FilesDataset(root, *loaders.read_split(subset_dir, "val"), val_t, loaders.max_pixels(loader_cfg)))

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import loaders, models, pack, runtime, store
-from .config import conf_dir
 from .errors import UserError
 from .interrupts import Interrupted, StopRequest, resume_note, resumes_with
 from .progress import Progress
@@ -46,6 +45,7 @@ STOP_POLL = 10  # with several processes, agree on a stop every this many steps 
 CHECKPOINT_KEYS = ("stage_hash", "world", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "pos",
                    "iteration", "history", "stats")
 RESTART = "delete it to start this run over"
+V01_PROBE = {"enabled": False, "epochs": 1, "lr": 0.01}  # what 0.1's train.imagenet_1k_probe was: see _stage
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------------
@@ -115,6 +115,9 @@ def subset_key(folder: Path) -> tuple[str, str]:
 
 def _stage(cfg: DictConfig, subset_name: str, key: str) -> store.Stage:
     train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL}
+    # 0.1's recipes held the 1000-way probe's settings (off by default); the probe is its own stage now (probe.py).
+    # Its 0.1 defaults stay in the spec so that every folder 0.1 trained with the probe off keeps its name.
+    train["imagenet_1k_probe"] = V01_PROBE
     spec = {"subset": key, "model": OmegaConf.to_container(cfg.model, resolve=True), "train": train,
             "loader": cfg.loader.name, "seed": int(cfg.seed)}
     return store.Stage(cfg.paths.runs, "pretrain", f"{subset_name}-{cfg.model.name}", spec)
@@ -204,9 +207,10 @@ def all_sum(values: list[float], ctx: Context) -> list[float]:
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+def write_metrics_csv(path: Path, history: list[dict[str, Any]], fields: list[str] = METRICS) -> None:
+    """One row per epoch (pre-training: ``METRICS``; the probe: its own columns)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     store.atomic_write_text(path, buf.getvalue())
@@ -483,7 +487,6 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
                 break
     if tr.tb:
         tr.tb.close()
-    probe = probe_1k(cfg, tr) if cfg.train.imagenet_1k_probe.enabled else {}
     if ctx.main:
         store.atomic_torch_save(stage.path / "model.pt", tr.model.state_dict())
         final = next(r for r in reversed(tr.history) if r["top1"] != "")
@@ -492,7 +495,7 @@ def train(cfg: DictConfig, stage: store.Stage, folder: Path, num_classes: int, c
             "model": cfg.model.name, "recipe": cfg.train.name, "budget": cfg.train.budget, "plan": asdict(tr.plan),
             "world": ctx.world, "subset_dir": str(folder), "top1": final["top1"], "top5": final["top5"],
             "val_loss": final["val_loss"], "loss": tr.history[-1]["loss"], "iterations": tr.it,
-            "epochs": tr.history[-1]["epoch"], **probe})
+            "epochs": tr.history[-1]["epoch"]})
 
 
 @torch.no_grad()
@@ -523,52 +526,6 @@ def evaluate(net: torch.nn.Module, model: models.Backbone, loader: torch.utils.d
     loss, top1, topk, n = all_sum(totals, ctx)
     n = max(n, 1)
     return {"top1": round(100 * top1 / n, 4), "top5": round(100 * topk / n, 4), "val_loss": round(loss / n, 6)}
-
-
-def probe_1k(cfg: DictConfig, tr: Training) -> dict[str, float]:
-    """The paper's ImageNet measure for reduced-class networks: with the network frozen, a new last layer for every
-    class of ``subset=full`` (same data) is trained on its training set; its top-1 / top-5 on the full val set.
-    Not checkpointed: an interrupted probe starts over (the training itself resumes at its end)."""
-    from . import subsets
-
-    model, ctx, autocast, pin = tr.model, tr.ctx, tr.autocast, tr.pin
-    p, dev = cfg.train.imagenet_1k_probe, ctx.device
-    full = OmegaConf.merge(cfg, {"subset": OmegaConf.load(conf_dir() / "subset" / "full.yaml"), "subset_dir": None})
-    folder = subsets.build(full)
-    train_ds, val_ds = build_datasets(folder, cfg.model, cfg.train, cfg.loader)
-    num_classes = int(json.loads((folder / "manifest.json").read_text())["num_classes"])
-    head = torch.nn.Linear(model.feature_dim, num_classes).to(dev)
-    optimizer = torch.optim.SGD(head.parameters(), lr=float(p.lr), momentum=0.9, weight_decay=5e-4)
-    batch, size = int(cfg.train.batch_size) // ctx.world, int(cfg.model.input_size)
-    sampler = loaders.ResumableSampler(len(train_ds), int(cfg.seed), True, ctx.rank, ctx.world)
-    loader = loaders.make_loader(train_ds, sampler, batch, cfg.loader, drop_last=True, pin_memory=pin)
-    log.info("1000-class probe: a new %d-way last layer on %d images of %s, %d epochs", num_classes,
-             len(train_ds), folder, int(p.epochs))
-    model.eval()
-    for epoch in range(int(p.epochs)):
-        sampler.set_epoch(epoch)
-        for images, labels, _ in loader:
-            if not len(labels):
-                images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
-            with torch.no_grad(), autocast:
-                features = model.features(model.normalize(images.to(dev, non_blocking=True))).float()
-            loss = F.cross_entropy(head(features), labels.to(dev, non_blocking=True), reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            (loss / max(1, len(labels))).backward()
-            if ctx.world > 1:
-                for param in head.parameters():
-                    dist.all_reduce(param.grad)
-                    param.grad /= ctx.world
-            optimizer.step()
-    val_loader = loaders.make_loader(val_ds, loaders.ResumableSampler(len(val_ds), 0, False, ctx.rank, ctx.world,
-                                                                     pad=False), batch, cfg.loader, False, pin)
-    trained_head, model.head = model.head, head
-    try:
-        scores = evaluate(model, model, val_loader, autocast, num_classes, ctx)
-    finally:
-        model.head = trained_head
-    log.info("1000-class probe: top-1 %.2f%%, top-5 %.2f%%", scores["top1"], scores["top5"])
-    return {"imagenet_1k_top1": scores["top1"], "imagenet_1k_top5": scores["top5"]}
 
 
 def tensorboard(folder: Path) -> Any:

@@ -3,13 +3,19 @@
 ``ablate report experiment=<name>`` plans the experiment exactly as ``ablate run`` does, reads the metrics record of
 every transfer stage that is DONE and lists the ones that are not, instead of failing. Each task gets its own table
 and figure panel with its own metric (mAP, mean accuracy, ...), read from the records. A setting's change is shown
-against this tool's own baseline (``experiment.baseline``) beside the change the paper reports for the same task
-and set, where it gives one (``experiment.paper``, keyed by the paper's name for the task), since absolute numbers
-depend on the detector code and the data.
+against this tool's own baseline (``experiment.baseline``, trained under the same budget rule) beside the change the
+paper reports for the same task and set, where it gives one (``experiment.paper``, keyed by the paper's name for the
+task), since absolute numbers depend on the detector code and the data.
+
+Beside each score: the pre-training's budget rule, iterations and epochs, its own top-1, the paper's ImageNet column
+(the 1000-way probe's top-1 / top-5, or the set's own for the 1000 fine classes), and how many pre-trainings and
+transfers the mean and ± are over. A pre-training whose own top-1 is near chance (``did_not_train``) is marked,
+left out of the changes, and warned about: a network that did not learn is no evidence about its data.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,34 +24,76 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from .figure import plot
 from .inputs import inside
 from .store import atomic_path, atomic_write_text
 from .tasks import read_metrics, task_for
 
+log = logging.getLogger(__name__)
+
 DERIVED = "†"  # marks a paper change computed from the paper's text rather than quoted from a table
+OWN = "own"  # the ImageNet column holds the set's own top-1: its classes are the 1000 fine ones
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def chance(classes: float) -> float:
+    return 100.0 / classes
+
+
+def trained_threshold(classes: float) -> float:
+    """The top-1 (%) a pre-training must reach to count as trained: chance plus 2 points or twice chance, whichever
+    is more (1000 classes: 2.1%; 127: 2.8%; 9: 33.3%). Below it the network's features are close to its random
+    initialisation, and its transfer measures that, not its data."""
+    return chance(classes) + max(2.0, 2 * chance(classes))
+
+
+def did_not_train(top1: float | None, classes: float | None) -> bool:
+    return top1 is not None and classes is not None and not math.isnan(classes) and top1 < trained_threshold(classes)
+
+
+def pretrain_columns(job: Any) -> dict[str, Any]:
+    """What a transfer row shows of its pre-training (rule, iterations, epochs, own top-1, trained?) and of the
+    1000-way measure (its probe, or its own top-1 on the 1000 fine classes); empty while they are not finished."""
+    pre = job.deps[0] if job.deps else None
+    if pre is None or not pre.stage.is_done():
+        return {}
+    m = _read_json(pre.stage.path / "metrics.json")
+    row = {"rule": m.get("budget"), "iterations": m.get("iterations"), "epochs": m.get("epochs"),
+           "pretrain_top1": m.get("top1"), "pretrain_classes": m.get("num_classes"),
+           "trained": not did_not_train(m.get("top1"), m.get("num_classes"))}
+    if job.probe is not None and job.probe.stage.is_done():
+        probe = _read_json(job.probe.stage.path / "metrics.json")
+        row |= {"imagenet_top1": probe["top1"], "imagenet_top5": probe["top5"], "imagenet_from": "probe"}
+    elif pre.fine_classes:
+        row |= {"imagenet_top1": m.get("top1"), "imagenet_top5": m.get("top5"), "imagenet_from": OWN}
+    return row
+
+
 def collect(jobs: list) -> tuple[pd.DataFrame, list[str]]:
-    """One row per pre-training set x task x seed with its per-class values; and a line per missing run."""
-    rows, missing = [], []
+    """One row per table group (budget rule) x set x task x pre-training x transfer, with its per-class values; and
+    a line per missing stage (transfers, and probes of finished pre-trainings)."""
+    rows, missing, seen = [], [], set()
+    several = len({j.pretrain_seed for j in jobs if j.kind == "transfer" and j.pretrain_seed is not None}) > 1
     for job in jobs:
-        if job.kind != "transfer":
+        if job.kind == "probe" and not job.stage.is_done():
+            missing.append(f"{job.label} / 1000-way probe: {job.stage.path}")
+        if job.kind != "transfer" or (job.budget, job.key) in seen:
             continue
+        seen.add((job.budget, job.key))
         if not job.stage.is_done():
-            missing.append(f"{job.label} / {job.task} / seed {job.seed}: {job.stage.path}")
+            pre = f", pre-training seed {job.pretrain_seed}" if several and job.pretrain_seed is not None else ""
+            missing.append(f"{job.label} / {job.task} / seed {job.seed}{pre}: {job.stage.path}")
             continue
         metrics = read_metrics(_read_json(job.stage.path / "metrics.json"))
         # the task's name (voc-det for voc-det-demo too): tables are per task measured, whatever the recipe size
-        row: dict[str, Any] = {"set": job.label, "task": metrics["task"], "seed": job.seed, "score": metrics["score"],
-                               "score_name": metrics["score_name"], "paper_task": task_for(job.cfg.task).paper_name}
+        row: dict[str, Any] = {"set": job.label, "task": metrics["task"], "budget": job.budget, "seed": job.seed,
+                               "pretrain_seed": job.pretrain_seed, "score": metrics["score"],
+                               "score_name": metrics["score_name"], "protocol": metrics.get("protocol"),
+                               "paper_task": task_for(job.cfg.task).paper_name, **pretrain_columns(job)}
         row.update({f"pc_{name}": value for name, value in metrics["per_class"].items()})
-        pre = job.deps[0] if job.deps else None
-        if pre is not None and pre.stage.is_done():
-            row["pretrain_top1"] = _read_json(pre.stage.path / "metrics.json").get("top1")  # percent
         if job.subset is not None and job.subset.is_done():
             manifest = _read_json(job.subset.path / "manifest.json")
             row["classes"] = manifest["num_classes"]
@@ -68,25 +116,39 @@ def paper_changes(exp: DictConfig, paper_task: str | None) -> dict[str, tuple[fl
     return {k: (v - base[0], derived or base[1]) for k, (v, derived) in values.items()}
 
 
+def _first(group: pd.DataFrame, column: str) -> Any:
+    return group[column].iloc[0] if column in group else math.nan
+
+
+def _mean(group: pd.DataFrame, column: str) -> float:
+    return group[column].astype(float).mean() if column in group else math.nan
+
+
 def summarize(frame: pd.DataFrame, exp: DictConfig) -> pd.DataFrame:
-    """Mean and std over seeds per task and set, the change against the baseline, and the paper's change."""
+    """Per task, budget rule and set: the pre-training's numbers, mean and std over every run (pre-trainings x
+    transfers), the change against the baseline of the same rule (none for sets that did not train), the paper's."""
     order = {str(e.label): i for i, e in enumerate(exp.sets)}
     out = []
-    for (task, label), group in frame.groupby(["task", "set"], sort=False):
-        first = group.iloc[0]
+    for (task, budget, label), group in frame.groupby(["task", "budget", "set"], sort=False, dropna=False):
+        trained = group["trained"].dropna() if "trained" in group else pd.Series(dtype=bool)
         out.append({
-            "task": task, "set": label, "score_name": first["score_name"], "paper_task": first["paper_task"],
-            "classes": first["classes"] if "classes" in group else math.nan,
-            "images": first["images"] if "images" in group else math.nan,
-            "pretrain_top1": group["pretrain_top1"].mean() if "pretrain_top1" in group else math.nan,
+            "task": task, "budget": budget, "set": label, "score_name": _first(group, "score_name"),
+            "paper_task": _first(group, "paper_task"), "protocol": _first(group, "protocol"),
+            "classes": _first(group, "classes"), "images": _first(group, "images"),
+            "rule": _first(group, "rule"), "iterations": _mean(group, "iterations"), "epochs": _mean(group, "epochs"),
+            "pretrain_top1": _mean(group, "pretrain_top1"), "pretrain_classes": _first(group, "pretrain_classes"),
+            "trained": bool(trained.all()), "imagenet_top1": _mean(group, "imagenet_top1"),
+            "imagenet_top5": _mean(group, "imagenet_top5"), "imagenet_from": _first(group, "imagenet_from"),
             "score": group["score"].mean(), "score_std": group["score"].std(ddof=1) if len(group) > 1 else math.nan,
-            "seeds": len(group),
+            "pretrainings": group["pretrain_seed"].nunique(), "transfers": group["seed"].nunique(),
         })
     table = pd.DataFrame(out)
     table["order"] = table["set"].map(order)
-    table = table.sort_values(["task", "order"]).drop(columns="order").reset_index(drop=True)
-    base = table[table["set"] == str(exp.baseline)].set_index("task")["score"]
-    table["delta"] = table["score"] - table["task"].map(base)
+    table = table.sort_values(["task", "budget", "order"], kind="stable").drop(columns="order").reset_index(drop=True)
+    base = table[(table["set"] == str(exp.baseline)) & table["trained"]].set_index(["task", "budget"])["score"]
+    keys = list(zip(table["task"], table["budget"]))
+    table["delta"] = [score - base.get(k, math.nan) if ok else math.nan
+                      for score, k, ok in zip(table["score"], keys, table["trained"])]
     changes = {task: paper_changes(exp, paper) for task, paper in zip(table["task"], table["paper_task"])}
     table["paper_delta"] = [changes[t].get(s, (math.nan, False))[0] for t, s in zip(table["task"], table["set"])]
     table["paper_derived"] = [changes[t].get(s, (math.nan, False))[1] for t, s in zip(table["task"], table["set"])]
@@ -101,16 +163,35 @@ def _fmt(value: Any, digits: int = 1, signed: bool = False) -> str:
     return str(value)
 
 
+def spread_label(table: pd.DataFrame) -> str:
+    """What the ± is over, e.g. "± std over 3 transfers of 1 pre-training"."""
+    pre, tr = int(table["pretrainings"].max()), int(table["transfers"].max())
+    if pre <= 1:
+        return f"± std over {tr} transfer{'s' if tr != 1 else ''} of 1 pre-training"
+    return f"± std over {pre} pre-trainings x {tr} transfers"
+
+
+def _imagenet_cell(r: Any) -> str:
+    if isinstance(r.imagenet_top1, float) and math.isnan(r.imagenet_top1):
+        return "-"
+    return f"{_fmt(r.imagenet_top1)} / {_fmt(r.imagenet_top5)}" + (f" ({OWN})" if r.imagenet_from == OWN else "")
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """One task's table, as the README shows it (scores and top-1 in percent)."""
     first = table.iloc[0]
     paper = first["paper_task"] if table["paper_delta"].notna().any() else None
-    header = ["task", "pre-training set", "classes", "images", "pre-train top-1", first["score_name"], "± std",
-              "seeds", "Δ vs baseline", *([f"paper Δ ({paper})"] if paper else [])]
+    header = ["task", "pre-training set", "budget", "classes", "images", "iterations", "epochs", "pre-train top-1",
+              "ImageNet top-1 / top-5", first["score_name"], spread_label(table), "pre-trainings x transfers",
+              "Δ vs baseline", *([f"paper Δ ({paper})"] if paper else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
-        cells = [r.task, r.set, _fmt(r.classes, 0), _fmt(r.images, 0), _fmt(r.pretrain_top1),
-                 _fmt(100 * r.score), _fmt(100 * r.score_std), str(r.seeds), _fmt(100 * r.delta, signed=True)]
+        pretrained = not (isinstance(r.pretrain_top1, float) and math.isnan(r.pretrain_top1))
+        runs = f"{r.pretrainings} x {r.transfers}" if pretrained else f"- x {r.transfers}"
+        cells = [r.task, r.set, r.budget if pretrained else "-", _fmt(r.classes, 0), _fmt(r.images, 0),
+                 _fmt(r.iterations, 0), _fmt(r.epochs, 0),
+                 _fmt(r.pretrain_top1) + ("" if r.trained else " (did not train)"), _imagenet_cell(r),
+                 _fmt(100 * r.score), _fmt(100 * r.score_std), runs, _fmt(100 * r.delta, signed=True)]
         if paper:
             cells.append(_fmt(r.paper_delta, signed=True) + (DERIVED if r.paper_derived else ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,21 +202,43 @@ def markdown_tables(table: pd.DataFrame) -> str:
     return "\n\n".join(markdown_table(group) for _, group in table.groupby("task", sort=False))
 
 
+def warnings(table: pd.DataFrame, exp: DictConfig) -> list[str]:
+    """Lines for the reader: sets that did not train (left out of the changes), a baseline that did not (no change
+    in its group), tasks whose transfer is deterministic given the network (no spread over transfer seeds)."""
+    lines = []
+    for r in table[~table["trained"]].drop_duplicates(["budget", "set"]).itertuples():
+        lines.append(f"{r.set} ({r.budget}): pre-training top-1 {r.pretrain_top1:.1f}% is below "
+                     f"{trained_threshold(r.pretrain_classes):.1f}% (chance {chance(r.pretrain_classes):.2g}% + "
+                     "max(2 points, 2 x chance)): did not train; left out of the changes")
+        if r.set == str(exp.baseline):
+            lines.append(f"the baseline {r.set} did not train under {r.budget}: no change is shown for that rule")
+    for task, group in table[table["protocol"] == "linear"].groupby("task", sort=False):
+        if group["pretrainings"].max() <= 1:
+            lines.append(f"{task}: the linear probe is deterministic given the network (L-BFGS from zeros on frozen "
+                         "features), so its spread over transfer seeds of a pre-trained network is 0; pre-training "
+                         "noise needs pretrain_seeds=N")
+    return lines
+
+
 def per_class_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean per-class value (percent) over seeds: one row per task, set and class (tasks differ in classes)."""
+    """Mean per-class value (percent) over runs: one row per task, budget rule, set and class."""
     cols = [c for c in frame.columns if c.startswith("pc_")]
-    long = frame.melt(id_vars=["task", "set", "seed"], value_vars=cols, var_name="class").dropna(subset=["value"])
+    long = frame.melt(id_vars=["task", "budget", "set", "seed"], value_vars=cols, var_name="class")
+    long = long.dropna(subset=["value"])
     long["class"] = long["class"].str.removeprefix("pc_")
-    means = 100 * long.groupby(["task", "set", "class"], sort=False)["value"].mean()
+    means = 100 * long.groupby(["task", "budget", "set", "class"], sort=False, dropna=False)["value"].mean()
     return means.round(1).reset_index()
 
 
 def _per_class_markdown(per_class: pd.DataFrame, max_classes: int = 30) -> str:
     """Per task, a set x class table (tasks with more classes than ``max_classes`` only in the CSV)."""
     parts = []
+    several = per_class["budget"].nunique() > 1
+    per_class = per_class.assign(row=[f"{s} ({b})" if several else s
+                                      for s, b in zip(per_class["set"], per_class["budget"])])
     for task, group in per_class.groupby("task", sort=False):
-        wide = group.pivot(index="set", columns="class", values="value")
-        wide = wide.loc[list(dict.fromkeys(group["set"])), list(dict.fromkeys(group["class"]))]
+        wide = group.pivot(index="row", columns="class", values="value")
+        wide = wide.loc[list(dict.fromkeys(group["row"])), list(dict.fromkeys(group["class"]))]
         if wide.shape[1] > max_classes:
             parts.append(f"{task}: {wide.shape[1]} classes, see per_class.csv")
             continue
@@ -145,60 +248,6 @@ def _per_class_markdown(per_class: pd.DataFrame, max_classes: int = 30) -> str:
                   for label, values in wide.iterrows()]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
-
-
-def plot(table: pd.DataFrame, exp: DictConfig, path: Path) -> None:
-    """The paper's figure for this question: one panel per task (its score per pre-training set) and one of the
-    pre-training top-1. ``experiment.plot: line`` draws them against ``experiment.x`` (images or classes, log
-    scale) like the paper's curves; ``bar`` compares unrelated sets side by side. Sets without that number
-    (scratch) are a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x_key, bar = str(exp.get("x", "images")), exp.get("plot", "line") == "bar"
-    tasks = list(dict.fromkeys(table["task"]))
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.5 * (len(tasks) + 1), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        group = table[table["task"] == task]
-        ranked = group.dropna(subset=["classes"])
-        if bar:
-            ax.bar(range(len(ranked)), 100 * ranked["score"], yerr=100 * ranked["score_std"].fillna(0), capsize=3)
-            ax.set_xticks(range(len(ranked)), ranked["set"], rotation=20)
-        else:
-            ranked = ranked.sort_values(x_key)
-            ax.errorbar(ranked[x_key], 100 * ranked["score"], yerr=100 * ranked["score_std"].fillna(0), marker="o",
-                        capsize=3)
-            for r in ranked.itertuples():
-                ax.annotate(r.set, (getattr(r, x_key), 100 * r.score), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        for r in group[group["classes"].isna()].itertuples():
-            ax.axhline(100 * r.score, linestyle="--", color="black", linewidth=1, label=r.set)
-        ax.set_title(task, fontsize=9)
-        ax.set_ylabel(f"{group['score_name'].iloc[0]} (%)")
-    top = axes[0][-1]
-    ranked = table[table["task"] == tasks[0]].dropna(subset=["classes"])
-    if bar:
-        top.bar(range(len(ranked)), ranked["pretrain_top1"])
-        top.set_xticks(range(len(ranked)), ranked["set"], rotation=20)
-    else:
-        ranked = ranked.sort_values(x_key)
-        top.plot(ranked[x_key], ranked["pretrain_top1"], marker="s")
-    top.set_title("pre-training", fontsize=9)
-    top.set_ylabel("top-1 on the set's own val (%)")
-    for ax in axes[0]:
-        if not bar:
-            ax.set_xscale("log")
-            ax.set_xlabel({"images": "pre-training images", "classes": "pre-training classes"}.get(x_key, x_key))
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(str(exp.get("title", exp.name)), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def _csv(frame: pd.DataFrame, path: Path, index: bool = False) -> None:
@@ -214,11 +263,20 @@ def write(cfg: DictConfig, jobs: list) -> Path:
     frame, missing = collect(jobs)
     table = summarize(frame, exp) if not frame.empty else pd.DataFrame()
     lines = [f"# {exp.get('title', exp.name)}", "",
-             f"Data: `{cfg.data.name}`; baseline: `{exp.baseline}`; scores in percent, mean over seeds; Δ against "
-             "this tool's own baseline, beside the paper's change for the same task where it gives one "
-             f"({DERIVED}: computed from the paper's text, not quoted from a table).", ""]
+             f"Data: `{cfg.data.name}`; baseline: `{exp.baseline}` (trained under the same budget rule); scores in "
+             "percent, mean over every run of a set (pre-trainings x transfers); Δ against this tool's own baseline, "
+             "beside the paper's change for the same task where it gives one "
+             f"({DERIVED}: computed from the paper's text, not quoted from a table). Budget: the rule a set smaller "
+             "than the reference set was trained under (same_epochs: fewer iterations; same_iterations: more passes "
+             "over it), with the iterations and epochs it got. ImageNet top-1 / top-5: the paper's ImageNet column, "
+             "a new 1000-way last layer on the frozen network (the probe), or the set's own top-1 where its classes "
+             f"are the 1000 fine ones ({OWN}). A set whose own top-1 is below chance + max(2 points, 2 x chance) "
+             "did not train and has no Δ.", ""]
+    notes = warnings(table, exp) if not table.empty else []
     if not table.empty:
         lines += [markdown_tables(table), ""]
+        if notes:
+            lines += ["## Warnings", "", *[f"- {n}" for n in notes], ""]
         _csv(table, out / "table.csv")
         per_class = per_class_table(frame)
         _csv(per_class, out / "per_class.csv")
@@ -232,6 +290,8 @@ def write(cfg: DictConfig, jobs: list) -> Path:
         lines += ["## Missing runs", "", *[f"- {m}" for m in missing], ""]
     atomic_write_text(out / "README.md", "\n".join(lines))
     print(markdown_tables(table) if not table.empty else "no finished runs yet")
+    for note in notes:
+        log.warning("%s", note)
     if missing:
         print(f"missing runs ({len(missing)}):")
         for m in missing:

@@ -127,7 +127,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("train.schedule.unit", choice("epoch", "iteration")),
     ("model.name", NAME),  # built-in or a plug-in's (models.build names the known ones when it is neither)
     ("bench.model", NAME),
-    ("model.init", choice("default", "caffe", "kaiming")),
+    ("model.init", NAME),  # the builder's own words (models.skeleton builds it before any work)
     ("loader.name", choice("files", "packed")),
     ("check.what", choice("imagenet", "voc", "both", "voc2012", "sun397")),
     ("what", choice("loader", "model", "train")),
@@ -183,6 +183,8 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("model.dropout", number(0, 1, high_open=True)),
     ("model.batchnorm", SWITCH),
     ("model.zero_init_residual", SWITCH),
+    ("model.squash", SWITCH),
+    ("*version", integer(1)),  # model.version, train.version
     # recipes (pre-training and transfer alike)
     ("*batch_size", integer(1)),
     ("*.lr", number(0, low_open=True)),
@@ -214,6 +216,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("*.quality", integer(1, 100)),
     # transfer
     ("task.*train_resize", number(1)),
+    ("task.*test_crops", ((lambda v: v in (2, 10)), "2 or 10")),
     ("task.min_size", integer(16)),
     ("task.max_size", integer(16)),
     ("task.finetune.min_size", integer(16)),
@@ -249,7 +252,9 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("bench.litdata", SWITCH),
     ("bench.compile", SWITCH),
     ("bench.record", SWITCH),
-    ("*.enabled", SWITCH),
+    ("probe.mirror", SWITCH),
+    ("probe.name", NAME),
+    ("probe.steps", list_of(integer(1), increasing=True)),  # epochs
     ("*bias_decay", SWITCH),
     ("device", ((lambda v: isinstance(v, str) and (v in ("auto", "cpu") or v.startswith("cuda"))),
                 "'auto', 'cpu', 'cuda' or 'cuda:<index>'")),
@@ -259,7 +264,11 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("task.split_seed", SEED),
     ("task.partition", integer(1, 10)),
     ("pretrain_seed", SEED),
-    ("seeds", integer(1, 2 ** 32)),
+    ("seeds", ((lambda v: v is None), "null (0.1's key: pretrain_seeds=N transfer_seeds=M replace it)")),
+    ("pretrain_seeds", integer(1)),
+    ("transfer_seeds", integer(1)),
+    ("budget", choice("same_epochs", "same_iterations", "both")),
+    ("imagenet_probe", either("auto", SWITCH)),
     ("jobs", either("auto", integer(1))),
     ("plan", SWITCH),
 ]
@@ -280,7 +289,7 @@ def rule_for(key: str) -> tuple[Check, str] | None:
 
 def check(cfg: DictConfig) -> None:
     """Raise ``UserError`` for the first key whose value breaks its rule; also model/resolution compatibility, and
-    what the chosen model and task plug-ins say of their own settings (``models.check_name``, ``Task.check``)."""
+    what the chosen model and task plug-ins say of their own settings (``models.skeleton``, ``Task.check``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # "???" stays for its command
     for key, value in leaves(resolved):
         if key.startswith("hydra.") or value == "???":
@@ -293,9 +302,9 @@ def check(cfg: DictConfig) -> None:
         raise UserError(f"model.resize={model['resize']} is smaller than model.input_size={model['input_size']}: "
                         "images are resized to model.resize, then cropped to model.input_size")
     if model:
-        from .models import check_name
+        from .models import skeleton
 
-        check_name(cfg.model)
+        skeleton(cfg.model)  # the builder checks its own settings (name, init, ...) without allocating anything
     if isinstance(resolved.get("task"), dict):
         from .tasks import task_for
 

@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import locate
 from ..errors import UserError
-from .backbone import MEAN, STD, Backbone, DetectionParts, normalize, renamed_keys
+from .backbone import CAFFE_MEAN, CAFFE_STD, MEAN, STD, Backbone, DetectionParts, normalize, renamed_keys
 
-__all__ = ["BUILTIN", "MEAN", "STD", "Backbone", "DetectionParts", "build", "check_name", "load_pretrained",
-           "normalize", "renamed_keys", "skeleton"]
+__all__ = ["BUILTIN", "CAFFE_MEAN", "CAFFE_STD", "MEAN", "STD", "Backbone", "DetectionParts", "build", "check_name",
+           "load_pretrained", "normalize", "renamed_keys", "skeleton"]
 
 BUILTIN: dict[str, str] = {
     "alexnet": "imnet_ablate.models.alexnet:alexnet",

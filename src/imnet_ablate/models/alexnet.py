@@ -2,7 +2,12 @@
 
 - ``alexnet``: torchvision's layout (64-192-384-256-256, no LRN, no groups), 224 px input.
 - ``alexnet_caffe``: the BVLC/Caffe network the paper trained (96-256-384-384-256, LRN after conv1/conv2, conv2/4/5
-  in two groups, 227 px input, Caffe's Gaussian init with bias 1 on conv2/4/5 and fc6/fc7).
+  in two groups, 227 px input). From ``version: 2`` (imnet-ablate 0.2) it is also fed and shaped as Caffe trained it:
+  BGR 0..255 pixels minus the ImageNet mean pixel (the trunk starts by reversing the channel order, so every user of
+  ``normalize`` or of the trunk, the detector included, gives conv1 what Caffe gave it), dropout after the ReLUs of
+  fc6/fc7 (BVLC's drop6/drop7), bvlc_alexnet's fillers (``init: bvlc``); its images are squashed to 256 x 256
+  (``squash``, applied by the loaders). A folder written by 0.1 (no ``version`` in its config) is rebuilt as 0.1
+  built it: torchvision's input statistics and dropout before fc6/fc7.
 - ``alexnet_small``: the same shape of network scaled for the demo's 32 px images, trainable on a laptop CPU.
 
 For detection the trunk loses its last max-pool (stride 16, as Fast R-CNN's RoI pooling on conv5) and fc6/fc7
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .backbone import Backbone, DetectionParts
+from .backbone import CAFFE_MEAN, CAFFE_STD, Backbone, DetectionParts
 
 
 # torchvision's AlexNet state-dict key prefix -> ours (``models.renamed_keys``; every other key is the same).
@@ -26,8 +31,24 @@ TORCHVISION_KEYS = {"features.": "trunk.", "classifier.1.": "fc6.1.", "classifie
                     "classifier.6.": "head."}
 
 
-def _fc(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, out_features), nn.ReLU(inplace=True))
+
+def _fc(in_features: int, out_features: int, dropout: float, dropout_after_relu: bool = False) -> nn.Sequential:
+    """Linear + ReLU with dropout before (torchvision's order: it drops the layer's input) or after the ReLU
+    (Caffe's drop6/drop7: it drops the layer's output)."""
+    layers: list[nn.Module] = [nn.Linear(in_features, out_features), nn.ReLU(inplace=True)]
+    return nn.Sequential(*(layers + [nn.Dropout(dropout)] if dropout_after_relu else [nn.Dropout(dropout)] + layers))
+
+
+def linear_of(fc: nn.Sequential) -> nn.Linear:
+    """The Linear layer of an fc6/fc7 block, wherever its dropout sits."""
+    return next(m for m in fc if isinstance(m, nn.Linear))
+
+
+class ReverseChannels(nn.Module):
+    """RGB -> BGR: the first layer of a trunk whose weights read Caffe's (OpenCV's) channel order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
 
 
 class GridPool(nn.Module):
@@ -61,12 +82,12 @@ class AlexNet(Backbone):
     feature_layers = ("fc7", "fc6", "conv5")
 
     def __init__(self, trunk: nn.Sequential, trunk_channels: int, grid: int, hidden: int, num_classes: int,
-                 dropout: float, input_size: int):
+                 dropout: float, input_size: int, dropout_after_relu: bool = False):
         super().__init__()
         self.trunk = trunk
         self.pool = GridPool(grid)
-        self.fc6 = _fc(trunk_channels * grid * grid, hidden, dropout)
-        self.fc7 = _fc(hidden, hidden, dropout)
+        self.fc6 = _fc(trunk_channels * grid * grid, hidden, dropout, dropout_after_relu)
+        self.fc7 = _fc(hidden, hidden, dropout, dropout_after_relu)
         self.head = nn.Linear(hidden, num_classes)
         self.trunk_channels = trunk_channels
         self.feature_dim = hidden
@@ -90,8 +111,7 @@ class AlexNet(Backbone):
             raise UserError(f"detection stride {stride}: AlexNet's trunk gives 16 (last max-pool dropped) or 32")
         trunk = nn.Sequential(*layers)
         trunk.out_channels = self.trunk_channels
-        fc = next(m for m in self.fc6 if isinstance(m, nn.Linear))
-        grid = math.isqrt(fc.in_features // self.trunk_channels)
+        grid = math.isqrt(linear_of(self.fc6).in_features // self.trunk_channels)
         return DetectionParts(trunk, BoxHead(self.fc6, self.fc7), grid, self.feature_dim)
 
     def stages(self) -> list[nn.Module]:
@@ -133,16 +153,27 @@ def _small_trunk(batchnorm: bool = False) -> nn.Sequential:
                          *conv(64, 96, 3), *conv(96, 64, 3), nn.MaxPool2d(2))
 
 
-def _init_caffe(model: AlexNet) -> None:
-    """bvlc_alexnet's fillers: N(0, 0.01) convs (fc6/fc7: 0.005, head: 0.01); bias 1 on conv2/4/5, fc6, fc7."""
+def _caffe_fillers(model: AlexNet, bias: float) -> None:
+    """Caffe's Gaussian fillers: N(0, 0.01) convs (fc6/fc7: 0.005, head: 0.01); ``bias`` on conv2/4/5, fc6, fc7,
+    zero elsewhere. They were tuned for mean-subtracted 0..255 inputs (``alexnet_caffe`` version 2)."""
     for i, conv in enumerate(model.stages()):
         nn.init.normal_(conv.weight, std=0.01)
-        nn.init.constant_(conv.bias, 1.0 if i in (1, 3, 4) else 0.0)
-    for fc in (model.fc6[1], model.fc7[1]):
+        nn.init.constant_(conv.bias, bias if i in (1, 3, 4) else 0.0)
+    for fc in (linear_of(model.fc6), linear_of(model.fc7)):
         nn.init.normal_(fc.weight, std=0.005)
-        nn.init.constant_(fc.bias, 1.0)
+        nn.init.constant_(fc.bias, bias)
     nn.init.normal_(model.head.weight, std=0.01)
     nn.init.zeros_(model.head.bias)
+
+
+def _init_caffe(model: AlexNet) -> None:
+    """CaffeNet's (bvlc_reference_caffenet) fillers: bias 1, as Krizhevsky et al. (0.1's ``init: caffe``)."""
+    _caffe_fillers(model, 1.0)
+
+
+def _init_bvlc(model: AlexNet) -> None:
+    """bvlc_alexnet's fillers: bias 0.1 ("initialization to 1 gave flat loss", its model card)."""
+    _caffe_fillers(model, 0.1)
 
 
 def _init_kaiming(model: AlexNet) -> None:
@@ -158,13 +189,13 @@ def _init_kaiming(model: AlexNet) -> None:
 
 
 INITS: dict[str, Callable[[AlexNet], None]] = {"default": lambda model: None, "caffe": _init_caffe,
-                                               "kaiming": _init_kaiming}
+                                               "bvlc": _init_bvlc, "kaiming": _init_kaiming}
 
 
-def _build(cfg: Mapping[str, Any], num_classes: int, trunk: nn.Sequential, channels: int, grid: int, hidden: int
-           ) -> AlexNet:
+def _build(cfg: Mapping[str, Any], num_classes: int, trunk: nn.Sequential, channels: int, grid: int, hidden: int,
+           dropout_after_relu: bool = False) -> AlexNet:
     model = AlexNet(trunk, channels, grid, hidden, num_classes, float(cfg.get("dropout", 0.5)),
-                    int(cfg["input_size"]))
+                    int(cfg["input_size"]), dropout_after_relu)
     init = cfg.get("init", "default")
     if init not in INITS:
         raise UserError(f"model.init={init}: expected one of {', '.join(INITS)}")
@@ -178,8 +209,14 @@ def alexnet(cfg: Mapping[str, Any], num_classes: int) -> AlexNet:
 
 
 def alexnet_caffe(cfg: Mapping[str, Any], num_classes: int) -> AlexNet:
-    """bvlc_alexnet (``conf/model/alexnet_caffe.yaml``)."""
-    return _build(cfg, num_classes, _caffe_trunk(), 256, 6, 4096)
+    """bvlc_alexnet (``conf/model/alexnet_caffe.yaml``): Caffe's input convention and dropout placement from
+    ``version: 2``; 0.1's network (torchvision's statistics, dropout before the Linear layers) without it."""
+    if int(cfg.get("version", 1)) < 2:
+        return _build(cfg, num_classes, _caffe_trunk(), 256, 6, 4096)
+    model = _build(cfg, num_classes, nn.Sequential(ReverseChannels(), *_caffe_trunk()), 256, 6, 4096,
+                   dropout_after_relu=True)
+    model.pixel_mean, model.pixel_std = CAFFE_MEAN, CAFFE_STD
+    return model
 
 
 def alexnet_small(cfg: Mapping[str, Any], num_classes: int) -> AlexNet:

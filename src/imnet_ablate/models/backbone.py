@@ -25,6 +25,11 @@ from ..errors import UserError
 # ImageNet channel statistics (RGB, on the 0..1 scale), as used by torchvision's reference recipes.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# Caffe's convention (bvlc_alexnet, CaffeNet): 0..255 pixels minus the ImageNet mean pixel, no scaling. The mean
+# pixel is Caffe's ilsvrc_2012_mean.npy averaged over its 256 x 256 image (BGR 104.007, 116.669, 122.679), written
+# here in RGB order on the 0..1 scale, with a std of 1/255, so ``normalize`` gives ``x - mean`` on 0..255.
+CAFFE_MEAN = (122.67891434 / 255, 116.66876762 / 255, 104.00698793 / 255)
+CAFFE_STD = (1 / 255, 1 / 255, 1 / 255)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
@@ -56,8 +61,10 @@ class Backbone(nn.Module):
 
     feature_layers: ClassVar[tuple[str, ...]] = ()
     layer_aliases: ClassVar[dict[str, str]] = {}
-    pixel_mean: ClassVar[tuple[float, float, float]] = MEAN  # RGB on 0..1: what ``normalize`` subtracts
-    pixel_std: ClassVar[tuple[float, float, float]] = STD
+    # RGB on 0..1: what ``normalize`` subtracts and divides by (a builder may set other values per network, e.g.
+    # CAFFE_MEAN/CAFFE_STD); the detector's transform uses the same two.
+    pixel_mean: tuple[float, float, float] = MEAN
+    pixel_std: tuple[float, float, float] = STD
     input_size: int
     feature_dim: int
     head: nn.Linear

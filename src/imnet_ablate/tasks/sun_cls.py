@@ -45,7 +45,7 @@ class SunClassification(Task):
         size = int(task.image_size or run.backbone.input_size)
         train_size = size if task.protocol == "linear" else round(size * task.finetune.train_resize)
         x_train = training.load_resized([folder / s.path for s in split.train], train_size, run.max_pixels)
-        x_test = training.load_resized([folder / s.path for s in split.test], size, run.max_pixels)
+        x_test = training.load_resized([folder / s.path for s in split.test], train_size, run.max_pixels)
         y_train = torch.tensor([s.label for s in split.train])
         classes = sun397.categories()
         if task.protocol == "linear":
@@ -58,7 +58,7 @@ class SunClassification(Task):
         else:
             logits = training.finetune(run, x_train, x_test, len(classes),
                                        lambda out, idx: F.cross_entropy(out, y_train[idx].to(out.device)),
-                                       task.finetune)
+                                       task.finetune, size)
         predicted = logits.argmax(1).tolist()
         atomic_write_text(run.stage.path / self.results_dir / "predictions.tsv", "path\tlabel\tpredicted\n" + "".join(
             f"{s.path}\t{classes[s.label]}\t{classes[p]}\n" for s, p in zip(split.test, predicted)))

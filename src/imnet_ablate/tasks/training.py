@@ -139,12 +139,25 @@ def linear_probe(run: TaskRun, train: torch.Tensor, test: torch.Tensor, outputs:
 
 
 # -- fine-tuning a classifier --------------------------------------------------------------------------------------
+def test_views(x: torch.Tensor, size: int, crops: int) -> list[torch.Tensor]:
+    """Test crops of images at the training scale: the centre crop and its mirror (2), or the four corner crops and
+    the centre crop, each with its mirror (10: Caffe's oversample, the era's test)."""
+    h, w = x.shape[-2:]
+    offsets = [((h - size) // 2, (w - size) // 2)]
+    if crops == 10:
+        offsets += [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
+    views = [x[..., top:top + size, left:left + size] for top, left in offsets]
+    return views + [v.flip(-1) for v in views]
+
+
 def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, outputs: int,
-             loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ft: DictConfig) -> torch.Tensor:
-    """The whole network with a new ``outputs``-way head (``head_lr_mult`` x lr) on random crops + flips of
-    ``x_train``, ``loss(logits, batch indices)`` the task's data term; returns the test logits (the mean of the
-    image and its mirror)."""
-    model, size, device = run.backbone, x_test.shape[-1], run.device
+             loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ft: DictConfig, size: int) -> torch.Tensor:
+    """The whole network with a new ``outputs``-way head (``head_lr_mult`` x lr) on random ``size`` crops + flips
+    of ``x_train``, ``loss(logits, batch indices)`` the task's data term; a pre-trained network's batch norm keeps
+    its statistics. Returns the test logits: the mean over ``test_views`` of ``x_test`` (at the training scale)."""
+    model, device = run.backbone, run.device
+    if run.pretrained:
+        model.freeze_batchnorm()
     head = model.replace_head(outputs)
     model.to(device).train()
     head_params = set(head.parameters())
@@ -161,8 +174,9 @@ def finetune(run: TaskRun, x_train: torch.Tensor, x_test: torch.Tensor, outputs:
     train_steps(run, model, opt, sched, ft.iterations, step, ft)
     model.eval()
     with torch.no_grad():
-        return torch.cat([(model(model.normalize(c.to(device))) + model(model.normalize(c.flip(-1).to(device))))
-                          .cpu() / 2 for c in x_test.split(128)])
+        return torch.cat([torch.stack([model(model.normalize(v.to(device))).cpu()
+                                       for v in test_views(chunk, size, int(ft.test_crops))]).mean(0)
+                          for chunk in x_test.split(128)])
 
 
 # -- SGD over iterations -------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """voc-cls: PASCAL VOC 2007 image classification (20 labels, multi-label), per-class AP with the devkit's rule.
 
 Not one of the paper's three tasks, but the cheapest view of a representation: ``protocol: linear`` trains 20
-L2-regularised logistic regressions on frozen features (cached in the stage folder); ``protocol: finetune`` trains
-the whole network with a new 20-way head and a masked BCE (images whose objects of a class are all difficult are
-left out of that class's loss, as the devkit leaves them out of its AP). Scores go to devkit results files
-(``results/comp2_cls_<split>_<class>.txt``) so ``ablate evaluate`` rescores them.
+L2-regularised logistic regressions on frozen features of whole images squashed to the network's input size (cached
+in the stage folder); ``protocol: finetune`` trains the whole network with a new 20-way head and a masked BCE
+(images whose objects of a class are all difficult are left out of that class's loss, as the devkit leaves them out
+of its AP) on random crops of images squashed to ``train_resize`` x the input size, and tests on crops of the same
+scale (``test_crops``: the centre crop and its mirror, or the era's 10 crops). Batch norm keeps the pre-trained
+network's statistics while fine-tuning (batches of 32 small scenes), as in detection and in the linear probe.
+Scores go to devkit results files (``results/comp2_cls_<split>_<class>.txt``) so ``ablate evaluate`` rescores them.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from ..models import Backbone
 from . import Metrics, Task, TaskRun, training
 
 PROTOCOLS = ("linear", "finetune")
+# 2 (imnet-ablate 0.2): tests on crops at the training scale (0.1: whole images squashed to the crop size) and keeps
+# batch norm's pre-trained statistics (0.1: batch statistics). In the finetune spec, so 0.1's folders are not reused.
+FINETUNE_VERSION = 2
 
 
 def cls_targets(images: Sequence[voc.VocImage]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +49,12 @@ class VocClassification(Task):
     choices = {"protocol": PROTOCOLS, "metric": METRICS}
 
     def spec(self) -> dict[str, Any]:
-        """The task config without the settings of the protocol not in use (they change nothing)."""
+        """The task config without the settings of the protocol not in use (they change nothing); fine-tuning's
+        with its version."""
         spec = super().spec()
         spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
+        if "finetune" in spec:
+            spec["finetune"]["version"] = FINETUNE_VERSION
         return spec
 
     def check_network(self, network: Backbone) -> None:
@@ -61,7 +70,7 @@ class VocClassification(Task):
         def pixels(images: Sequence[voc.VocImage], side: int) -> torch.Tensor:
             return training.load_resized([voc.image_path(root, img.id) for img in images], side, run.max_pixels)
 
-        x_train, x_test = pixels(train_imgs, train_size), pixels(test_imgs, size)
+        x_train, x_test = pixels(train_imgs, train_size), pixels(test_imgs, train_size)  # one scale for both
         targets, weights = cls_targets(train_imgs)
         if task.protocol == "linear":
             def feats(split: str, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,7 @@ class VocClassification(Task):
                                            lambda logits: masked_bce(logits, targets, weights), task.linear)
         else:
             scores = training.finetune(run, x_train, x_test, len(voc.CLASSES), lambda logits, idx: masked_bce(
-                logits, targets[idx].to(logits.device), weights[idx].to(logits.device)), task.finetune)
+                logits, targets[idx].to(logits.device), weights[idx].to(logits.device)), task.finetune, size)
         ids = np.array([img.id for img in test_imgs], dtype=str)
         results = {c: voc.ClassScores(ids, scores[:, k].double().numpy()) for k, c in enumerate(voc.CLASSES)}
         voc.write_cls_results(run.stage.path / self.results_dir, task.test_split, results)
