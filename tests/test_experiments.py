@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 # Pre-trainings of a few seconds: 16 random classes of the tiny demo, 1 epoch.
 TINY = ["subset.classes=16", "subset.name=x16", "train.batch_size=16", "train.schedule.length=1",
         "train.schedule.step_every=1", "train.budget=same_epochs", "loader.num_workers=0"]
-RUN = ["jobs=2", "transfer_seeds=1", "imagenet_probe=false"]  # one transfer per network, no 1000-way probe
+RUN = ["jobs=2", "transfer_seeds=1", "imagenet_probe=false", "tasks=[voc-cls]"]  # one cheap transfer per network
 SETS = "experiment.sets=[{label:full,subset:full},{label:scratch,subset:full,pretrain:scratch}]"
 
 
@@ -148,10 +148,12 @@ def test_plan_has_one_pre_training_per_set_and_three_transfers_of_it(demo_cache,
     pretrainings = {r["set"]: Path(r["folder"]).name for r in rows if r["kind"] == "pretrain"}
     assert sorted(pretrainings) == ["250pc", "full", "nopascal-771", "wordnet-127"]  # one each
     for label, folder in pretrainings.items():
-        transfers = [r for r in rows if r["kind"] == "transfer" and r["set"] == label]
-        assert sorted(r["seed"] for r in transfers) == ["0", "1", "2"] and {r["pre"] for r in transfers} == {"0"}
-        assert all(Path(r["folder"]).name.startswith(f"voc-cls-{folder}-") for r in transfers)  # that very network
-    assert sorted(r["seed"] for r in rows if r["set"] == "scratch") == ["0", "1", "2"]
+        for task in ("voc-det-demo", "voc-act-demo", "sun-cls-demo"):  # the paper's three, demo-sized
+            transfers = [r for r in rows if r["kind"] == "transfer" and r["set"] == label and r["task"] == task]
+            assert sorted(r["seed"] for r in transfers) == ["0", "1", "2"] and {r["pre"] for r in transfers} == {"0"}
+            name = task.removesuffix("-demo")
+            assert all(Path(r["folder"]).name.startswith(f"{name}-{folder}-") for r in transfers)  # that very network
+    assert sorted(r["seed"] for r in rows if r["set"] == "scratch") == ["0", "0", "0", "1", "1", "1", "2", "2", "2"]
     assert sorted(r["set"] for r in rows if r["kind"] == "probe") == sorted(pretrainings)  # some sets are not fine
 
 

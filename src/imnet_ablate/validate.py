@@ -148,6 +148,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("experiment.paper.*.*.derived", TEXT),
     ("experiment.paper.*.*", number(0)),
     ("experiment.*tasks", list_of(NAME)),
+    ("experiment.*_seeds", integer(1)),
     ("tasks", list_of(NAME)),
     ("experiment.*_overrides", list_of(TEXT)),
     # subsets (their meaning is checked by subsets.read_spec and wordnet)
