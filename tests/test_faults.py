@@ -123,8 +123,9 @@ def assert_same_pretrain(a: Path, b: Path) -> None:
 def assert_same_transfer(a: Path, b: Path) -> None:
     assert a.name == b.name
     assert json_without(a / "metrics.json", "seconds") == json_without(b / "metrics.json", "seconds")
-    results = [f"results/{p.name}" for p in sorted((a / "results").iterdir())]  # voc-cls's devkit results files
-    assert results and done_sums(a, results) == done_sums(b, results)
+    # the task's scored outputs (devkit results files: voc-cls's results/, voc-det's detections/, ...)
+    outputs = [n for n in json.loads((a / "DONE").read_text())["outputs"] if "/" in n]
+    assert outputs and done_sums(a, outputs) == done_sums(b, outputs)
 
 
 def assert_same_runs(a: Path, b: Path) -> None:

@@ -381,8 +381,9 @@ def setup_training(cfg: DictConfig, stage: store.Stage, folder: Path, num_classe
             tr.epoch, tr.pos, tr.it, tr.history, tr.stats = (ckpt[k] for k in ("epoch", "pos", "iteration",
                                                                                  "history", "stats"))
             runtime.set_rng_state(ckpt["rng"][ctx.rank], dev)
+        epochs_done, steps_done = divmod(tr.it, plan.iters_per_epoch)  # a checkpoint at an epoch's last step
         log.info("resuming %s with iteration %d of %d (epoch %d of %d, step %d of %d)", stage.path, tr.it + 1,
-                 plan.total_iters, tr.epoch + 1, plan.epochs, tr.pos + 1, plan.iters_per_epoch)
+                 plan.total_iters, epochs_done + 1, plan.epochs, steps_done + 1, plan.iters_per_epoch)
     else:
         torch.manual_seed(int(cfg.seed) + ctx.rank)  # ranks draw different dropout masks
         log.info("training %s: %d images, %d classes, %s; %d iterations (%d epochs of %d), lr /%g every %d",

@@ -213,7 +213,7 @@ def warnings(table: pd.DataFrame, exp: DictConfig) -> list[str]:
         if r.set == str(exp.baseline):
             lines.append(f"the baseline {r.set} did not train under {r.budget}: no change is shown for that rule")
     for task, group in table[table["protocol"] == "linear"].groupby("task", sort=False):
-        if group["pretrainings"].max() <= 1:
+        if group["pretrainings"].max() <= 1 and group["transfers"].max() > 1:  # repeats that cannot differ
             lines.append(f"{task}: the linear probe is deterministic given the network (L-BFGS from zeros on frozen "
                          "features), so its spread over transfer seeds of a pre-trained network is 0; pre-training "
                          "noise needs pretrain_seeds=N")
