@@ -40,7 +40,7 @@ def cache(tmp_path_factory) -> Path:
 
 def config(tree: Path, cache: Path, runs: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        return compose("subset", [f"data=imagenet", f"data.root={tree}", "data.voc_root=unused",
+        return compose("subset", ["data=imagenet", f"data.root={tree}", "data.voc_root=unused",
                                   f"paths.runs={runs}", f"paths.cache={cache}", *overrides])
 
 
