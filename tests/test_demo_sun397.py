@@ -91,7 +91,7 @@ def test_scenes_show_their_categorys_objects():
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"sun397": None}, r"data\.demo\.sun397=None"), ({"seed": -1}, r"data\.demo\.seed=-1"),
+    ({"sun397": None}, r"data\.demo\.sun397: missing"), ({"seed": -1}, r"data\.demo\.seed=-1"),
     ({"sun397": {**TINY_SUN397, "image_size": 8}}, r"data\.demo\.sun397\.image_size=8"),
     ({"sun397": {**TINY_SUN397, "colour": 1}}, r"data\.demo\.sun397\.colour: unknown setting"),
     ({"sun397": {"train_per_class": 2, "image_size": 32}}, r"data\.demo\.sun397\.test_per_class=None")])

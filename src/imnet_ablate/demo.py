@@ -99,6 +99,17 @@ def read_section(section: Mapping[str, Any], minimum: Mapping[str, int], prefix:
     return values
 
 
+def read_subsection(params: Mapping[str, Any], name: str, minimum: Mapping[str, int]) -> dict[str, int]:
+    """``data.demo.seed`` and the settings of the ``data.demo.<name>`` section (another dataset's generator),
+    validated as ``read_section`` does."""
+    section = params.get(name)
+    if not isinstance(section, Mapping):
+        given = "missing" if section is None else f"got {section!r}"
+        raise UserError(f"data.demo.{name}: {given}; expected a section with {', '.join(minimum)}")
+    seed = read_section({"seed": params.get("seed")}, {"seed": 0}, "data.demo")
+    return {**seed, **read_section(section, minimum, f"data.demo.{name}")}
+
+
 def parse_params(params: Mapping[str, Any]) -> DemoParams:
     """Validated parameters; a bad value is a one-line ``UserError`` naming the ``data.demo`` key. Nested sections
     (``data.demo.sun397``) belong to the other generated datasets: they neither enter this pair's folder hash nor

@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import demo, wordnet
-from .errors import UserError
 from .store import spec_hash
 from .voc_actions import ACTIONS, SCORED, ActionImage, ActionPerson
 
@@ -59,11 +58,7 @@ class ActionParams:
 
 def parse_params(params: Mapping[str, Any]) -> ActionParams:
     """``data.demo`` (its ``seed`` and ``voc2012`` section) validated; a one-line ``UserError`` names the key."""
-    section = params.get(SECTION)
-    if not isinstance(section, Mapping):
-        raise UserError(f"data.demo.{SECTION}: missing; expected a section with {', '.join(MINIMUM)}")
-    seed = demo.read_section({"seed": params.get("seed")}, {"seed": 0}, "data.demo")
-    return ActionParams(**seed, **demo.read_section(section, MINIMUM, f"data.demo.{SECTION}"))
+    return ActionParams(**demo.read_subsection(params, SECTION, MINIMUM))
 
 
 # -- what each action looks like ------------------------------------------------------------------------------------

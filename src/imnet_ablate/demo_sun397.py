@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import demo, sun397, wordnet
-from .errors import UserError
 from .store import file_sha256, spec_hash
 
 GENERATOR_VERSION = 1
@@ -72,11 +71,7 @@ class SunParams:
 
 def parse_params(params: Mapping[str, Any]) -> SunParams:
     """``data.demo.seed`` and the ``data.demo.sun397`` section, validated (one-line ``UserError`` naming the key)."""
-    section = params.get(SECTION)
-    if not isinstance(section, Mapping):
-        raise UserError(f"data.demo.{SECTION}={section}: expected a section with {', '.join(MINIMUM)}")
-    seed = demo.read_section({"seed": params.get("seed")}, {"seed": 0}, "data.demo")
-    return SunParams(**seed, **demo.read_section(section, MINIMUM, f"data.demo.{SECTION}"))
+    return SunParams(**demo.read_subsection(params, SECTION, MINIMUM))
 
 
 # -- the typical objects of a category ------------------------------------------------------------------------------

@@ -121,6 +121,23 @@ class Task:
         raise UserError(f"task={self.name}: `ablate evaluate` does not score results files of this task")
 
 
+
+class LinearOrFinetune(Task):
+    """A task run by one of two protocols (``task.protocol``): ``linear``, a classifier on frozen features at
+    ``task.feature``, or ``finetune``, the whole network with a new head; each protocol's settings under its name."""
+
+    PROTOCOLS: ClassVar[tuple[str, ...]] = ("linear", "finetune")
+
+    def spec(self) -> dict[str, Any]:
+        """The task config without the settings of the protocol not in use (they change nothing)."""
+        spec = super().spec()
+        spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
+        return spec
+
+    def check_network(self, network: Any) -> None:
+        if self.cfg.protocol == "linear":
+            network.layer(self.cfg.feature)
+
 def task_for(cfg: DictConfig) -> Task:
     """The task object of a task config (``cfg.task``)."""
     name = cfg.get("name")

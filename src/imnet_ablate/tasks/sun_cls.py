@@ -8,34 +8,21 @@ cheap sweeps. The test images' predictions go to ``results/predictions.tsv`` (SU
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .. import evaluate, sun397
-from ..models import Backbone
 from ..store import atomic_write_json, atomic_write_text
-from . import Metrics, Task, TaskRun, training
-
-PROTOCOLS = ("linear", "finetune")
+from . import LinearOrFinetune, Metrics, TaskRun, training
 
 
-class SunClassification(Task):
+
+class SunClassification(LinearOrFinetune):
     datasets = ("sun397",)
     score_name = "mean acc"
     paper_name = "SUN-CLS"
-    choices = {"protocol": PROTOCOLS, "metric": ("mean_class_accuracy",)}
-
-    def spec(self) -> dict[str, Any]:
-        """The task config without the settings of the protocol not in use (they change nothing)."""
-        spec = super().spec()
-        spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
-        return spec
-
-    def check_network(self, network: Backbone) -> None:
-        if self.cfg.protocol == "linear":
-            network.layer(self.cfg.feature)
+    choices = {"protocol": LinearOrFinetune.PROTOCOLS, "metric": ("mean_class_accuracy",)}
 
     def run(self, run: TaskRun) -> Metrics:
         task = self.cfg

@@ -34,11 +34,10 @@ from ..errors import UserError
 from ..evaluate import METRICS
 from ..models import Backbone
 from ..voc_actions import SCORED, ActionImage, ActionPerson
-from . import Metrics, Task, TaskRun, training
+from . import LinearOrFinetune, Metrics, TaskRun, training
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("linear", "finetune")
 
 
 def targets(persons: Sequence[ActionPerson]) -> torch.Tensor:
@@ -164,21 +163,11 @@ def finetune_scores(run: TaskRun, task: DictConfig, splits: dict[str, list[Actio
         return torch.cat(out)
 
 
-class VocAction(Task):
+class VocAction(LinearOrFinetune):
     datasets = ("voc2012",)
     score_name = "mAP"
-    choices = {"protocol": PROTOCOLS, "metric": METRICS}
+    choices = {"protocol": LinearOrFinetune.PROTOCOLS, "metric": METRICS}
     paper_name = "PASCAL-ACT-CLS"
-
-    def spec(self) -> dict[str, Any]:
-        """The task config without the settings of the protocol not in use (they change nothing)."""
-        spec = super().spec()
-        spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
-        return spec
-
-    def check_network(self, network: Backbone) -> None:
-        if self.cfg.protocol == "linear":
-            network.layer(self.cfg.feature)
 
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2012"]

@@ -22,10 +22,8 @@ from omegaconf import DictConfig
 
 from .. import evaluate, voc
 from ..evaluate import METRICS
-from ..models import Backbone
-from . import Metrics, Task, TaskRun, training
+from . import LinearOrFinetune, Metrics, TaskRun, training
 
-PROTOCOLS = ("linear", "finetune")
 # 2 (imnet-ablate 0.2): tests on crops at the training scale (0.1: whole images squashed to the crop size) and keeps
 # batch norm's pre-trained statistics (0.1: batch statistics). In the finetune spec, so 0.1's folders are not reused.
 FINETUNE_VERSION = 2
@@ -43,23 +41,17 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return loss / weights.sum().clamp(min=1.0)
 
 
-class VocClassification(Task):
+class VocClassification(LinearOrFinetune):
     datasets = ("voc2007",)
     score_name = "mAP"
-    choices = {"protocol": PROTOCOLS, "metric": METRICS}
+    choices = {"protocol": LinearOrFinetune.PROTOCOLS, "metric": METRICS}
 
     def spec(self) -> dict[str, Any]:
-        """The task config without the settings of the protocol not in use (they change nothing); fine-tuning's
-        with its version."""
+        """The protocol in use's settings, fine-tuning's with its version."""
         spec = super().spec()
-        spec.pop("finetune" if self.cfg.protocol == "linear" else "linear", None)
         if "finetune" in spec:
             spec["finetune"]["version"] = FINETUNE_VERSION
         return spec
-
-    def check_network(self, network: Backbone) -> None:
-        if self.cfg.protocol == "linear":
-            network.layer(self.cfg.feature)
 
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2007"]
