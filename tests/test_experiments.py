@@ -60,16 +60,18 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
     assert plan.returncode == 0 and "3 done, 0 to run" in plan.stdout
 
     # estimates come from finished stages of the same recipe: pre-training seed 1 of the same stages is timed,
-    # voc-det is not (scratch's transfers do not depend on the pre-training seed: already done)
+    # voc-det is not; scratch draws one random initialisation per pre-training seed (transfer seed 1 for seed 1)
     more = run_ablate("run", *args(demo_cache, tmp_path, "plan=true", "pretrain_seeds=2", "tasks=[voc-cls,voc-det]"))
     assert more.returncode == 0, more.stderr[-3000:]
     rows = [row.split() for row in more.stdout.splitlines() if row.startswith("todo ")]
     todo = {(r[1], r[2], r[4], r[5]): r[7] for r in rows}  # (stage, set, task, pre-training seed) -> estimate
-    assert len(todo) == 5 and all(todo[("transfer", s, "voc-det-demo", p)] == "unknown"
+    assert len(rows) == 7 and all(todo[("transfer", s, "voc-det-demo", p)] == "unknown"
                                   for s, p in (("full", "0"), ("full", "1"), ("scratch", "-"))), todo
-    timed = [("pretrain", "full", "-", "1"), ("transfer", "full", "voc-cls-demo", "1")]
+    timed = [("pretrain", "full", "-", "1"), ("transfer", "full", "voc-cls-demo", "1"),
+             ("transfer", "scratch", "voc-cls-demo", "-")]
     assert all(re.fullmatch(r"~\d+:\d\d", todo[k]) for k in timed), todo
-    assert "3 done, 5 to run; about " in more.stdout and "for 2 of them" in more.stdout and "; 3 unknown" in more.stdout
+    assert sorted(r[6] for r in rows if r[2] == "scratch") == ["0", "1", "1"], rows  # voc-det 0; both tasks' 1
+    assert "3 done, 7 to run; about " in more.stdout and "for 3 of them" in more.stdout and "; 4 unknown" in more.stdout
 
 
 def test_report_lists_missing_runs_instead_of_failing(demo_cache, tmp_path):
@@ -172,7 +174,8 @@ def test_seeds_axes_tie_each_row_to_its_own_pre_training(demo_cache, tmp_path):
     proc = run_ablate("run", *args(demo_cache, tmp_path, "pretrain_seeds=2", "transfer_seeds=2", "imagenet_probe=true",
                                    "probe.epochs=2", "probe.steps=[1]"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert stages_line(proc.stdout) == (2 + 2 + 4 + 2, 0)  # pre-trainings, probes, transfers, scratch transfers
+    # pre-trainings, probes, transfers, scratch transfers (a random initialisation per pre-training seed)
+    assert stages_line(proc.stdout) == (2 + 2 + 4 + 4, 0)
     runs = pd.read_csv(run_dir_of(proc) / "runs.csv")
     full = runs[runs["set"] == "full"]
     assert sorted(zip(full["pretrain_seed"], full["seed"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]

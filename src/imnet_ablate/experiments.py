@@ -211,11 +211,13 @@ class Planner:
 
     def transfers(self, entry: DictConfig, chosen: list[str], rule: str, pre: Job | None, budget: list[str],
                   pretrain_seed: int) -> None:
-        """``transfer_seeds`` transfers per task of one network (pre-trained, or scratch for every seed)."""
+        """``transfer_seeds`` transfers per task of one network. A scratch set's random initialisation is its
+        pre-training, so pre-training seed p draws its own: transfer seeds p*T .. p*T+T-1 (T = transfer_seeds)."""
         from . import transfer
 
         source = str(entry.get("pretrain", "subset"))
-        for seed in range(self.transfer_seeds):
+        first = pretrain_seed * self.transfer_seeds if source == "scratch" else 0
+        for seed in range(first, first + self.transfer_seeds):
             for task in self.cfg.tasks:
                 tcfg, sized = self.compose("transfer", [
                     *chosen, f"task={task}", f"seed={seed}", f"pretrain_seed={pretrain_seed}", f"pretrain={source}",

@@ -164,8 +164,11 @@ def _fmt(value: Any, digits: int = 1, signed: bool = False) -> str:
 
 
 def spread_label(table: pd.DataFrame) -> str:
-    """What the ± is over, e.g. "± std over 3 transfers of 1 pre-training"."""
-    pre, tr = int(table["pretrainings"].max()), int(table["transfers"].max())
+    """What the ± is over, e.g. "± std over 3 transfers of 1 pre-training", read from the pre-trained sets (a scratch
+    set's runs are its pre-trainings x transfers random initialisations: "- x 6")."""
+    pretrained = table[table["pretrainings"] > 0]
+    rows = table if pretrained.empty else pretrained
+    pre, tr = int(rows["pretrainings"].max()), int(rows["transfers"].max())
     if pre <= 1:
         return f"± std over {tr} transfer{'s' if tr != 1 else ''} of 1 pre-training"
     return f"± std over {pre} pre-trainings x {tr} transfers"
