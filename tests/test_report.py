@@ -87,3 +87,12 @@ def test_figure_draws_each_budget_rule(table: pd.DataFrame, tmp_path, kind: str)
     both = pd.concat([table, report.summarize(pd.DataFrame(other), EXP)], ignore_index=True)
     figure.plot(both, OmegaConf.merge(EXP, {"plot": kind, "x": "images"}), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("paper", [None, {}])
+def test_an_experiment_quoting_no_paper_numbers_has_no_paper_changes(paper) -> None:
+    """A user's own experiment file may leave out ``paper:``: the report shows no paper column instead of failing."""
+    exp = OmegaConf.create({"baseline": "full", "paper": paper})
+    assert report.paper_changes(exp, "PASCAL-DET") == {}
+    quoted = OmegaConf.create({"baseline": "full", "paper": {"PASCAL-DET": {"full": 58.3, "250pc": 54.6}}})
+    assert report.paper_changes(quoted, "PASCAL-DET") == {"full": (0.0, False), "250pc": (pytest.approx(-3.7), False)}

@@ -107,7 +107,8 @@ def paper_changes(exp: DictConfig, paper_task: str | None) -> dict[str, tuple[fl
 
     ``experiment.paper.<paper task>.<set>`` is a number quoted from the paper, or ``{value: x, derived: "how"}``
     for one computed from its text (e.g. "a drop of 2.8")."""
-    numbers = OmegaConf.to_container(exp.get("paper") or {}, resolve=True).get(paper_task or "", {})
+    paper = exp.get("paper")  # a user's own experiment may quote no paper numbers
+    numbers = OmegaConf.to_container(paper, resolve=True).get(paper_task or "", {}) if paper else {}
     values = {str(k): (float(v["value"]), "derived" in v) if isinstance(v, Mapping) else (float(v), False)
               for k, v in numbers.items()}
     base = values.get(str(exp.baseline))
