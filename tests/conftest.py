@@ -19,6 +19,9 @@ TINY_DEMO = {"seed": 0, "train_per_class": 4, "val_per_class": 2, "image_size": 
 # The other generated datasets' sections of data.demo (generated on first use by the tasks that read them).
 TINY_VOC2012 = {"train_images": 60, "val_images": 30, "image_size": 64}
 # The generated SUN397 scenes (data.demo.sun397): every category, 2 + 2 images each.
+# The shipped demo pair's folder name (data.demo at its defaults): a contract with users' caches, changed only with the
+# generator's version or settings. 0.2's generator 2 with 48 images per class; 0.1.0's and generator 1's: b8b03f089368.
+SHIPPED_DEMO_FOLDER = "d2356b85f41e"
 TINY_SUN397 = {"train_per_class": 2, "test_per_class": 2, "image_size": 32}
 
 # A 4-class ImageNet-layout tree written by ``write_tree`` (ImageNet wnids, so the layout is the real one).

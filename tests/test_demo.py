@@ -15,7 +15,7 @@ from defusedxml import ElementTree
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY_DEMO
+from conftest import SHIPPED_DEMO_FOLDER, TINY_DEMO
 from imnet_ablate import demo, wordnet
 from imnet_ablate.errors import UserError
 
@@ -158,6 +158,23 @@ def test_siblings_look_more_alike_than_distant_classes(folder: Path):
     assert mean_distance(siblings) < 0.9 * mean_distance(distant)
 
 
+def test_instances_vary_around_their_class():
+    """A class's instances are its modes plus jitter: one key gives one look, a few images meet few of the class's
+    modes and many meet all, and an instance stays nearer its own class's traits than a sibling's."""
+    hierarchy = wordnet.load()
+    a, b = next(p for p in itertools.combinations(hierarchy.classes, 2)
+                if hierarchy.first_parent[p[0]] == hierarchy.first_parent[p[1]])
+    za, zb = (demo.class_latent(0, hierarchy.chain(w)) for w in (a, b))
+    looks = np.stack([demo.instance_latent(0, a, za, (1, int(a[1:]), i)) for i in range(200)])
+    assert np.array_equal(looks[7], demo.instance_latent(0, a, za, (1, int(a[1:]), 7)))
+    assert len({row.tobytes() for row in looks}) == 200
+    modes = demo.class_modes(0, a)
+    nearest = np.argmin(((looks[:, None] - za - modes[None]) ** 2).sum(axis=2), axis=1)
+    assert len(set(nearest[:1])) == 1 and len(set(nearest[:24])) == demo.N_MODES
+    to_own, to_sibling = (np.sqrt(((looks - z) ** 2).sum(axis=1)).mean() for z in (za, zb))
+    assert 0.5 < to_own < 0.5 * to_sibling
+
+
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path):
     """Two generations (2 workers via ensure, 1 in-process) are byte-identical; another seed changes every image."""
     params = demo.parse_params(MINI)
@@ -217,7 +234,7 @@ def test_nested_sections_leave_the_pair_folder_unchanged(tmp_path: Path):
 
     shipped = OmegaConf.to_container(compose("data_demo", []).data.demo)
     assert isinstance(shipped.get("sun397"), dict)
-    assert demo.folder_for(shipped, tmp_path).name == "b8b03f089368"  # imnet-ablate 0.1.0's, before nested sections
+    assert demo.folder_for(shipped, tmp_path).name == SHIPPED_DEMO_FOLDER
     flat = {k: v for k, v in shipped.items() if not isinstance(v, dict)}
     other = {**shipped, "sun397": {"image_size": 1}}
     assert demo.folder_for(flat, tmp_path) == demo.folder_for(other, tmp_path) == demo.folder_for(shipped, tmp_path)

@@ -84,9 +84,9 @@ def test_scenes_show_their_categorys_objects():
     shot = demo_sun397.Shot(plans[5], "train", 0)
     plan = demo_sun397.scene_plan(0, shot, 32)
     latents = {w: demo.class_latent(0, wordnet.load().chain(w)) for w in plans[5].objects}
-    own = demo_sun397.scene_images([plan], 32, latents)
-    swapped = demo_sun397.scene_images([plan], 32, {w: latents[w][::-1].copy() for w in latents})
-    assert np.array_equal(own, demo_sun397.scene_images([plan], 32, latents))
+    own = demo_sun397.scene_images(0, [plan], 32, latents)
+    swapped = demo_sun397.scene_images(0, [plan], 32, {w: latents[w][::-1].copy() for w in latents})
+    assert np.array_equal(own, demo_sun397.scene_images(0, [plan], 32, latents))
     assert np.abs(own.astype(int) - swapped.astype(int)).mean() > 2
 
 

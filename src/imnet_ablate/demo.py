@@ -8,6 +8,12 @@ chain: coarse traits (shape family, palette) to internal ancestors, texture (kin
 nearer internal nodes, fine traits (parts, secondary colour, edge ripple) to the leaf and its parent. A PASCAL
 object is drawn with the traits of an ImageNet class under its class's synset, so ImageNet features help on VOC.
 
+A class is not one look: it has ``N_MODES`` modes (as a real class has breeds, models and viewpoints) that move
+its texture and fine traits, and every drawn instance is one of them plus its own jitter (``instance_latent``). So
+a class is seen whole only through many images, and a subset with fewer images per class sees less of it, which
+is what the images-per-class experiment measures (generator version 1 drew every instance of a class with the same
+traits, so 6 images taught what 24 did).
+
 Every image has its own random generator seeded from (seed, class or scene, index): same seed, byte-identical
 files, whatever the number of worker processes. ``ensure`` generates into a temporary folder and renames it into
 place, with ``manifest.json`` written last, so a folder that exists is complete.
@@ -42,7 +48,7 @@ from .store import spec_hash
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: modes and per-instance jitter (instance_latent)
 MANIFEST = "manifest.json"
 STALE_TMP_S = 3600.0
 JPEG_QUALITY = 90
@@ -60,6 +66,14 @@ MID = slice(9, 16)  # texture kind (4), frequency, orientation, strength
 FINE = slice(16, 28)  # secondary colour (3), parts (count, angle, radius, size, colour 2), edge ripple (2)
 N_POSE = 12  # per-instance uniforms: centre (2), size, rotation, flip, light (2), texture phase, colour gain (4)
 BG_GRID = 4  # background colour field: a BG_GRID x BG_GRID grid, bilinearly upsampled
+N_MODES = 4  # looks per class
+# How far a mode moves each trait group (COARSE, MID, FINE), and each instance's own jitter of every trait. Four
+# times these (0.3, 0.7, 0.7; 0.25) left the full set at 7% top-1 and its transfers below version 1's; twice them,
+# at 20%. At these a class stays learnable (the 48 images per class: 64% top-1 under train=demo) yet is seen whole
+# only through many images (6 per class: 34%; docs/benchmarks.md, "Images per class on the demo").
+MODE_SCALE = np.repeat([0.075, 0.175, 0.175], [9, 7, 12])
+INSTANCE_SCALE = 0.08
+LOOK_CODE = 5  # random streams of modes and instance jitter, apart from the images' own (1-4)
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,21 @@ def class_latent(seed: int, chain: Sequence[str]) -> np.ndarray:
     """A class's trait latents (each ~ N(0, 1)): the weighted sum of its chain's node latents."""
     nodes = np.stack([node_latent(seed, w) for w in chain])
     return (chain_weights(len(chain)) * nodes).sum(axis=0)
+
+
+@functools.cache
+def class_modes(seed: int, wnid: str) -> np.ndarray:
+    """(N_MODES, N_TRAITS) offsets of a class's modes from its traits, fixed by (seed, wnid)."""
+    return MODE_SCALE * np.random.default_rng([seed, LOOK_CODE, 0, int(wnid[1:])]).standard_normal((N_MODES, N_TRAITS))
+
+
+def instance_latent(seed: int, wnid: str, latent: np.ndarray, key: Sequence[int]) -> np.ndarray:
+    """One drawn instance's traits: its class's ``latent``, one of the class's modes and its own jitter, drawn from
+    a generator of its own (``key`` names the instance within its dataset), so the images' other draws are those of
+    generator version 1."""
+    rng = np.random.default_rng([seed, LOOK_CODE, 1, *key])
+    mode = class_modes(seed, wnid)[rng.integers(N_MODES)]
+    return latent + mode + INSTANCE_SCALE * rng.standard_normal(N_TRAITS)
 
 
 # -- latents -> drawing parameters --------------------------------------------------------------------------------
@@ -362,7 +391,8 @@ def shot_images(seed: int, shots: Sequence[Shot], size: int, latents: Mapping[st
     canvas = background(grids, size)
     for k in range(N_DISTRACTORS):
         canvas = over(canvas, clutter_colour[k::N_DISTRACTORS], clutter_alpha[k::N_DISTRACTORS])
-    look = decode(np.stack([latents[s.wnid] for s in shots]))
+    look = decode(np.stack([instance_latent(seed, s.wnid, latents[s.wnid], (SPLIT_CODE[s.split], int(s.wnid[1:]), s.index))
+                            for s in shots]))
     colour, alpha = render(look, pose(u, size, (0.28, 0.42), 0.2, look["rot0"], 0.7), size)
     return to_uint8(over(canvas, colour, alpha), noise)
 
@@ -418,7 +448,7 @@ def scene_plan(seed: int, index: int, size: int, members: dict[str, list[str]]) 
     u[0, :2] = 0.25 + 0.5 * u[0, :2]  # the first object is always well inside the image...
     u[0, 2] = 0.5 + 0.5 * u[0, 2]  # ...and not tiny, so every scene has an annotated object
     n_clutter = int(rng.integers(2, 5))
-    return {"classes": classes, "wnids": wnids, "u": u,
+    return {"classes": classes, "wnids": wnids, "u": u, "keys": [(VOC_CODE, index, j) for j in range(n_obj)],
             "clutter_z": rng.standard_normal((n_clutter, N_TRAITS)), "clutter_u": rng.random((n_clutter, N_POSE)),
             "grid": rng.standard_normal((BG_GRID, BG_GRID, 3)),
             "noise": rng.standard_normal((3, size, size), dtype=np.float32)}
@@ -449,10 +479,11 @@ def annotate(masks: np.ndarray, names: Sequence[str], flips: np.ndarray) -> list
     return objects
 
 
-def scene_images(plans: Sequence[dict[str, Any]], size: int, latents: Mapping[str, np.ndarray]
+def scene_images(seed: int, plans: Sequence[dict[str, Any]], size: int, latents: Mapping[str, np.ndarray]
                  ) -> list[tuple[np.ndarray, list[VocObject]]]:
     """Scenes rendered together: background, clutter, then each scene's objects in random overlapping order."""
-    look = decode(np.stack([latents[w] for plan in plans for w in plan["wnids"]]))
+    look = decode(np.stack([instance_latent(seed, w, latents[w], key) for plan in plans
+                            for w, key in zip(plan["wnids"], plan["keys"])]))
     where = pose(np.concatenate([plan["u"] for plan in plans]), size, (0.07, 0.32), 0.9, look["rot0"], 0.7)
     colour, alpha = render(look, where, size)
     cu = np.concatenate([plan["clutter_u"] for plan in plans])
@@ -504,7 +535,7 @@ def write_scenes(out: Path, params: DemoParams, indices: Sequence[int]) -> dict[
     latents = {w: class_latent(params.seed, full_chain(hierarchy, w)) for plan in plans for w in plan["wnids"]}
     root = out / "VOCdevkit" / "VOC2007"
     result = {}
-    for i, (pixels, objects) in zip(indices, scene_images(plans, size, latents)):
+    for i, (pixels, objects) in zip(indices, scene_images(params.seed, plans, size, latents)):
         save_jpeg(pixels, root / "JPEGImages" / f"{image_id(i)}.jpg")
         (root / "Annotations" / f"{image_id(i)}.xml").write_text(annotation_xml(image_id(i), size, objects))
         result[image_id(i)] = objects

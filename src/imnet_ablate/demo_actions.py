@@ -40,7 +40,7 @@ from . import demo, wordnet
 from .store import spec_hash
 from .voc_actions import ACTIONS, SCORED, ActionImage, ActionPerson
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: things drawn as instances of their class (demo.instance_latent)
 FOLDER = "demo-voc2012"
 SECTION = "voc2012"  # the nested section of data.demo
 SCENE_CODE = 4  # random stream of the scenes (the demo pair uses 1-3)
@@ -263,6 +263,7 @@ def person_plan(rng: np.random.Generator, seed: int, slot: tuple[float, float], 
 
 @dataclass
 class ScenePlan:
+    index: int
     persons: list[PersonPlan]  # in drawing order: the farther (higher on the image) first
     clutter_z: np.ndarray
     clutter_u: np.ndarray
@@ -278,16 +279,19 @@ def scene_plan(seed: int, index: int, size: int) -> ScenePlan:
     persons = [person_plan(rng, seed, (size * k / n, size * (k + 1) / n), size, 1.1 - 0.1 * n, pools)
                for k in range(n)]
     n_clutter = int(rng.integers(2, 5))
-    return ScenePlan(sorted(persons, key=lambda p: p.person.cy + p.person.radius),
+    return ScenePlan(index, sorted(persons, key=lambda p: p.person.cy + p.person.radius),
                      rng.standard_normal((n_clutter, demo.N_TRAITS)), rng.random((n_clutter, demo.N_POSE)),
                      rng.standard_normal((demo.BG_GRID, demo.BG_GRID, 3)),
                      rng.standard_normal((3, size, size), dtype=np.float32))
 
 
 # -- drawing --------------------------------------------------------------------------------------------------------
-def render_things(things: Sequence[Thing], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Colour (N, 3, S, S) and coverage (N, S, S) of each thing: its class's look, persons with their pose's shape."""
-    look = demo.decode(np.stack([latent(seed, t.wnid) for t in things]))
+def render_things(things: Sequence[Thing], keys: Sequence[tuple[int, ...]], size: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (N, 3, S, S) and coverage (N, S, S) of each thing: an instance of its class (``keys`` name them),
+    persons with their pose's shape."""
+    look = demo.decode(np.stack([demo.instance_latent(seed, t.wnid, latent(seed, t.wnid), key)
+                                 for t, key in zip(things, keys)]))
     persons = [i for i, t in enumerate(things) if t.shape is not None]
     for key in SHAPE_KEYS:
         look[key] = look[key].astype(np.float64)
@@ -323,8 +327,9 @@ class Drawn(NamedTuple):
 
 def scene_images(plans: Sequence[ScenePlan], size: int, seed: int) -> list[tuple[np.ndarray, list[Drawn]]]:
     """Scenes rendered together: background, clutter, then per person its shadow, mount, itself, what it holds."""
-    things = [t for plan in plans for p in plan.persons for t in (*p.behind, p.person, *p.front)]
-    colour, alpha = render_things(things, size, seed)
+    in_scene = [[t for p in plan.persons for t in (*p.behind, p.person, *p.front)] for plan in plans]
+    keys = [(SCENE_CODE, plan.index, k) for plan, things in zip(plans, in_scene) for k in range(len(things))]
+    colour, alpha = render_things([t for things in in_scene for t in things], keys, size, seed)
     shadow = render_shadows(np.array([p.shadow for plan in plans for p in plan.persons]), size)
     cu = np.concatenate([plan.clutter_u for plan in plans])
     clutter = demo.render(demo.plain(demo.decode(np.concatenate([plan.clutter_z for plan in plans]))),

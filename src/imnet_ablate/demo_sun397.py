@@ -39,7 +39,7 @@ import numpy as np
 from . import demo, sun397, wordnet
 from .store import file_sha256, spec_hash
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: objects drawn as instances of their class (demo.instance_latent)
 SECTION = "sun397"  # data.demo.sun397
 MINIMUM = {"train_per_class": 1, "test_per_class": 1, "image_size": 16}
 SUN_CODE = 4  # random streams apart from the ImageNet (1, 2) and VOC (3) demo's
@@ -156,6 +156,7 @@ def scene_plan(seed: int, shot: Shot, size: int) -> dict[str, Any]:
             "ground_u": rng.random(demo.N_POSE), "horizon": horizon + 0.1 * (rng.random() - 0.5),
             "grid": (grid + PALETTE_JITTER * rng.standard_normal(grid.shape)) / np.hypot(1, PALETTE_JITTER),
             "wnids": [objects[i] for i in shown], "u": rng.random((len(shown), demo.N_POSE)),
+            "keys": [(SUN_CODE, SPLIT_CODE[shot.split], shot.category.index, shot.index, j) for j in range(len(shown))],
             "clutter_z": rng.standard_normal(demo.N_TRAITS), "clutter_u": rng.random(demo.N_POSE),
             "noise": rng.standard_normal((3, size, size), dtype=np.float32)}
 
@@ -173,7 +174,8 @@ def ground_layers(plans: Sequence[dict[str, Any]], size: int) -> tuple[np.ndarra
     return demo.render(look, where, size)
 
 
-def scene_images(plans: Sequence[dict[str, Any]], size: int, latents: Mapping[str, np.ndarray]) -> np.ndarray:
+def scene_images(seed: int, plans: Sequence[dict[str, Any]], size: int, latents: Mapping[str, np.ndarray]
+                 ) -> np.ndarray:
     """(N, S, S, 3) uint8: palette, ground, a plain distractor, then the typical objects, rendered together."""
     canvases = demo.background(np.stack([p["grid"] for p in plans]), size)
     ground_colour, ground_alpha = ground_layers(plans, size)
@@ -181,7 +183,8 @@ def scene_images(plans: Sequence[dict[str, Any]], size: int, latents: Mapping[st
     cu = np.stack([p["clutter_u"] for p in plans])
     canvases = demo.over(canvases, *demo.render(demo.plain(demo.decode(np.stack([p["clutter_z"] for p in plans]))),
                                                 demo.pose(cu, size, (0.08, 0.2), 1.0, 2 * np.pi * cu[:, 3], 0.0), size))
-    look = demo.decode(np.stack([latents[w] for p in plans for w in p["wnids"]]))
+    look = demo.decode(np.stack([demo.instance_latent(seed, w, latents[w], key) for p in plans
+                                 for w, key in zip(p["wnids"], p["keys"])]))
     colour, alpha = demo.render(look, demo.pose(np.concatenate([p["u"] for p in plans]), size, OBJECT_RADIUS,
                                                 OBJECT_SPREAD, look["rot0"], 0.7), size)
     first = np.cumsum([0] + [len(p["wnids"]) for p in plans])
@@ -203,7 +206,7 @@ def write_categories(out: Path, params: SunParams, categories: Sequence[Category
         (out / "SUN397" / c.name[1:]).mkdir(parents=True, exist_ok=True)
     for batch in demo.chunks(shots, demo.RENDER_BATCH):
         plans = [scene_plan(params.seed, shot, params.image_size) for shot in batch]
-        for shot, pixels in zip(batch, scene_images(plans, params.image_size, latents)):
+        for shot, pixels in zip(batch, scene_images(params.seed, plans, params.image_size, latents)):
             name = image_name(params.seed, shot)
             demo.save_jpeg(pixels, out / "SUN397" / shot.category.name[1:] / name)
             names[shot.category.name][shot.split].append(name)
