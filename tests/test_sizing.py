@@ -20,9 +20,9 @@ def test_presets_keep_the_fraction_of_each_class_they_keep_on_imagenet():
 
 
 @pytest.mark.parametrize("typed, added, task", [
-    (["task=voc-det", "subset=250pc"], ["task=voc-det-demo", "subset.images_per_class=6"], "voc-det-demo"),
+    (["task=voc-det", "subset=250pc"], ["task=voc-det-demo", "subset.images_per_class=12"], "voc-det-demo"),
     (["task=voc-det-demo"], [], "voc-det-demo"),
-    (["subset=budget-1000x500"], ["task=voc-cls-demo", "subset.budget.images_per_class=12"], "voc-cls-demo"),
+    (["subset=budget-1000x500"], ["task=voc-cls-demo", "subset.budget.images_per_class=24"], "voc-cls-demo"),
     (["subset=250pc", "subset.images_per_class=100"], ["task=voc-cls-demo"], "voc-cls-demo"),  # typed: kept
     (["subset=budget-1000x500", "subset.budget={classes:10,images_per_class:2}"], ["task=voc-cls-demo"],
      "voc-cls-demo"),
@@ -44,7 +44,7 @@ def test_full_size_recipe_on_the_demo_keeps_its_0_1_folder_only_when_asked(tmp_p
     demo_sized, _ = sizing.compose("transfer", [*common, "task=voc-det"])
     as_named, _ = sizing.compose("transfer", [*common, "task=voc-det", "demo_sized=false"])
     typed, _ = sizing.compose("transfer", [*common, "task=voc-det-demo"])
-    assert transfer.stage(as_named).name == "voc-det-scratch-2a12cba2fa8c"  # test_compat's 0.1 name
+    assert transfer.stage(as_named).name == "voc-det-scratch-42a9544c8452"  # test_compat's (2a12cba2fa8c before demo 2)
     assert transfer.stage(demo_sized).path == transfer.stage(typed).path != transfer.stage(as_named).path
 
 

@@ -2,14 +2,14 @@
 
 The paper's recipes and presets are written for ImageNet and full-size VOC: ``task=voc-det`` trains 70k iterations
 at 600 px (about a day and a half of the demo's CPU budget), and ``subset=250pc`` keeps 250 images of classes that
-have 24 on the demo, i.e. all of them. With ``data=demo`` a task resolves to its demo-sized variant ``<task>-demo``
+have 48 on the demo, i.e. all of them. With ``data=demo`` a task resolves to its demo-sized variant ``<task>-demo``
 where ``conf/task/<task>-demo.yaml`` exists, and a subset preset keeps the same fraction of each class as on
-ImageNet: N of ImageNet's ~1000 images per class become N/1000 of ``data.demo.train_per_class`` (250pc keeps 6 of
-24), for ``subset.images_per_class`` and ``subset.budget.images_per_class`` alike.
+ImageNet: N of ImageNet's ~1000 images per class become N/1000 of ``data.demo.train_per_class`` (250pc keeps 12 of
+48), for ``subset.images_per_class`` and ``subset.budget.images_per_class`` alike.
 
 The rule lives here only. The CLI applies it to every job of a stage command (``in_app``), ``ablate run`` and
 ``--help`` to every config they compose (``compose``), so a command, its plan and its help agree. What it changes
-becomes ordinary overrides (``task=voc-det-demo``, ``subset.images_per_class=6``), so a stage's folder is the one the
+becomes ordinary overrides (``task=voc-det-demo``, ``subset.images_per_class=12``), so a stage's folder is the one the
 same settings typed by hand give; a value the user typed for a sized key is kept as typed.
 """
 from __future__ import annotations
