@@ -37,19 +37,22 @@ PINNED = {
     'pretrain full alexnet same_iterations seed1': 'full-alexnet-f601e239a4c3',
     # data=demo transfers: 0.2's demo generator 2 (instances of a class differ; 48 train images per class) is a new
     # demo folder, so every demo stage is new (0.1 and 0.2 generator 1: f0d3f613cb53, 003127adaf96, 20e143be8d43,
-    # f0d3f613cb53, 1269e4471ab4, 23f22c52d094, 70e1bef1d0c6, bf6d3c82ebd8, 2a12cba2fa8c, 1a0aeec62d5f). Real data's
-    # are unchanged (below).
-    'transfer data=demo task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-d4ea6d85d076',
-    'transfer data=demo task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-1b5b13c842d3',
+    # f0d3f613cb53, 1269e4471ab4, 23f22c52d094, 70e1bef1d0c6, bf6d3c82ebd8, 2a12cba2fa8c, 1a0aeec62d5f); their
+    # specs name the generated folder (generator version included) instead of its settings. Real data's are
+    # unchanged (below).
+    'transfer data=demo task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-9184b7c35a8d',
+    'transfer data=demo task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-be4a9db54951',
     # 0.2: finetune version 2 (test crops at the training scale, frozen batch norm); 0.1: 84b11ec5aca7, 46900c7c2e9d
-    'transfer data=demo task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-a9042c645ed0',
-    'transfer data=demo task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-d4ea6d85d076',
-    'transfer data=demo task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-e38e4271a657',
-    'transfer data=demo task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-59ccdef49028',
-    'transfer data=demo task=voc-cls seed=2': 'voc-cls-full-alexnet_small-0123456789ab-f72588c6050d',
-    'transfer data=demo scratch voc-cls': 'voc-cls-scratch-833841ee1e88',
-    'transfer data=demo scratch voc-det alexnet': 'voc-det-scratch-42a9544c8452',
-    'transfer data=demo torchvision voc-det': 'voc-det-torchvision-436eb7bcf7cf',
+    'transfer data=demo task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-7e462f0860ab',
+    'transfer data=demo task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-9184b7c35a8d',
+    'transfer data=demo task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-9268191320ea',
+    'transfer data=demo task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-3e6ccb9ac4ef',
+    'transfer data=demo task=voc-cls seed=2': 'voc-cls-full-alexnet_small-0123456789ab-72279c67e97f',
+    'transfer data=demo scratch voc-cls': 'voc-cls-scratch-6294d2659b5a',
+    'transfer data=demo scratch voc-det alexnet': 'voc-det-scratch-0915b9e052ab',
+    'transfer data=demo torchvision voc-det': 'voc-det-torchvision-b777c508e880',
+    'transfer data=demo scratch voc-act-demo': 'voc-act-scratch-e1fffe171da4',
+    'transfer data=demo scratch sun-cls-demo': 'sun-cls-scratch-1ce6f58878ad',
     'transfer data=imagenet task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
     'transfer data=imagenet task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-d4f84399a567',
     'transfer data=imagenet task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-e12e7ceb6d4a',
@@ -104,6 +107,9 @@ def names(tree: Path, pre: Path, tmp: Path) -> dict[str, str]:
             cfg("transfer", *data, "pretrain=scratch", "task=voc-det", "model=alexnet")).name
         out[f"transfer {d} torchvision voc-det"] = transfer.stage(
             cfg("transfer", *data, "pretrain=torchvision", "task=voc-det")).name
+    for task in ["voc-act-demo", "sun-cls-demo"]:  # their real copies' names hold the folder given on the command line
+        out[f"transfer data=demo scratch {task}"] = transfer.stage(
+            cfg("transfer", "data=demo", "pretrain=scratch", f"task={task}")).name
     out["transfer real subset full voc-det"] = transfer.stage(
         cfg("transfer", *real, "pretrain=subset", "task=voc-det", "model=alexnet", "train=caffe")).name
     return out

@@ -3,6 +3,7 @@ the written results files, no-op reruns, folders per seed/source, Fast R-CNN's t
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_DEMO, run_ablate, run_dir_of, tiny_demo_overrides
-from imnet_ablate import datasets, evaluate, models, source, transfer, voc
+from imnet_ablate import datasets, evaluate, models, sizing, source, transfer, voc
 from imnet_ablate.tasks import training, voc_det
 from imnet_ablate.config import conf_dir
 from imnet_ablate.errors import UserError
@@ -202,3 +203,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(demo_cache, tmp_path, p
     b = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_metrics(resumed)["ap"] == read_metrics(straight)["ap"]
+
+
+@pytest.mark.parametrize("generator, task", [("demo", "voc-det"), ("demo_actions", "voc-act"), ("demo_sun397", "sun-cls")])
+def test_a_new_demo_generator_gets_new_transfer_folders(monkeypatch, generator, task):
+    """A demo transfer's folder names the generated data's folder, generator version included: a transfer measured on
+    an older generator's images is never reused for the new ones (0.2's generator 2 reused scratch act/sun probes)."""
+    cfg, _ = sizing.compose("transfer", [f"task={task}", "pretrain=scratch"])
+    before = transfer.stage(cfg).name
+    monkeypatch.setattr(importlib.import_module(f"imnet_ablate.{generator}"), "GENERATOR_VERSION", 99)
+    assert transfer.stage(cfg).name != before

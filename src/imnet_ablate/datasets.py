@@ -6,9 +6,10 @@ name not listed here (a user's own task and data) is read from ``data.<name>_roo
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,25 +23,12 @@ class Dataset:
     root_key: str  # data.<root_key>: the real copy's folder
     spec_key: str  # the key of its identity in a transfer stage's spec (voc2007's is "voc", as in 0.1)
     layout: str  # what that folder must hold, for error messages
-    demo: Callable[[DictConfig, Path], Path] | None = None  # (data.demo, cache) -> the generated root
+    generator: str | None = None  # the module generating its demo copy (ensure, folder_for), if it has one
+    demo_subdir: str = ""  # where the dataset sits in that generated folder
 
 
-def _demo_pair(cfg_demo: DictConfig, cache: Path) -> Path:
-    from . import demo
-
-    return demo.ensure(_plain(cfg_demo), cache)
-
-
-def _demo_actions(cfg_demo: DictConfig, cache: Path) -> Path:
-    from . import demo_actions
-
-    return demo_actions.ensure(_plain(cfg_demo), cache) / "VOCdevkit"
-
-
-def _demo_scenes(cfg_demo: DictConfig, cache: Path) -> Path:
-    from . import demo_sun397
-
-    return demo_sun397.ensure(_plain(cfg_demo), cache)
+def _generator(ds: Dataset) -> ModuleType:
+    return importlib.import_module(f".{ds.generator}", __package__)
 
 
 def _plain(node: DictConfig | dict) -> dict[str, Any]:
@@ -48,12 +36,10 @@ def _plain(node: DictConfig | dict) -> dict[str, Any]:
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in [
-    Dataset("imagenet", "root", "imagenet", "ImageNet folder holding train/<wnid>/*.JPEG",
-            lambda d, cache: _demo_pair(d, cache) / "imagenet"),
-    Dataset("voc2007", "voc_root", "voc", "VOCdevkit folder holding VOC2007/",
-            lambda d, cache: _demo_pair(d, cache) / "VOCdevkit"),
-    Dataset("voc2012", "voc2012_root", "voc2012", "VOCdevkit folder holding VOC2012/", _demo_actions),
-    Dataset("sun397", "sun397_root", "sun397", "folder holding SUN397/ (or SUN397/ itself)", _demo_scenes),
+    Dataset("imagenet", "root", "imagenet", "ImageNet folder holding train/<wnid>/*.JPEG", "demo", "imagenet"),
+    Dataset("voc2007", "voc_root", "voc", "VOCdevkit folder holding VOC2007/", "demo", "VOCdevkit"),
+    Dataset("voc2012", "voc2012_root", "voc2012", "VOCdevkit folder holding VOC2012/", "demo_actions", "VOCdevkit"),
+    Dataset("sun397", "sun397_root", "sun397", "folder holding SUN397/ (or SUN397/ itself)", "demo_sun397"),
 ]}
 
 
@@ -80,30 +66,20 @@ def root(cfg: DictConfig, name: str) -> Path:
         if not path.is_dir():
             raise UserError(f"data.{ds.root_key}={value}: no such folder; expected the {ds.layout}")
         return path
-    if is_demo(cfg) and ds.demo is not None:
-        return ds.demo(cfg.data.demo, Path(cfg.paths.cache))
+    if is_demo(cfg) and ds.generator is not None:
+        return _generator(ds).ensure(_plain(cfg.data.demo), Path(cfg.paths.cache)) / ds.demo_subdir
     raise UserError(f"data.{ds.root_key} is not set: pass data.{ds.root_key}=<{ds.layout}>")
 
 
 def identity(cfg: DictConfig, name: str) -> Any:
     """What picks a dataset's content, for stage hashes, known without generating or reading it: the demo's
-    generation settings, or the real copy's absolute folder."""
+    generated folder relative to the cache (named by the hash of its settings and generator version, so a new
+    generator never reuses a stage measured on the old one's images), or the real copy's absolute folder."""
     ds = dataset(name)
     value = _given(cfg, ds)
-    if value is None and is_demo(cfg) and ds.demo is not None:
-        return demo_identity(cfg.data.demo, name)
+    if value is None and is_demo(cfg) and ds.generator is not None:
+        return str(_generator(ds).folder_for(_plain(cfg.data.demo), Path()))
     return str(Path(str(value)).expanduser().resolve()) if value is not None else None
-
-
-def demo_identity(cfg_demo: DictConfig, name: str) -> dict[str, Any]:
-    """The demo settings that determine dataset ``name``: the pair's for ImageNet and VOC 2007, else the seed and
-    the dataset's own section ``data.demo.<name>``."""
-    from .demo import pair_settings
-
-    if name in ("imagenet", "voc2007"):  # the generated pair: adding a dataset's section never changes its hash
-        return pair_settings(_plain(cfg_demo))
-    section = cfg_demo.get(name)
-    return {"seed": int(cfg_demo.seed), **(OmegaConf.to_container(section, resolve=True) if section else {})}
 
 
 def generate_demo(cfg: DictConfig) -> Path:
