@@ -205,7 +205,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(demo_cache, tmp_path, p
     assert read_metrics(resumed)["ap"] == read_metrics(straight)["ap"]
 
 
-@pytest.mark.parametrize("generator, task", [("demo", "voc-det"), ("demo_actions", "voc-act"), ("demo_sun397", "sun-cls")])
+@pytest.mark.parametrize("generator, task",
+                         [("demo", "voc-det"), ("demo_actions", "voc-act"), ("demo_sun397", "sun-cls")])
 def test_a_new_demo_generator_gets_new_transfer_folders(monkeypatch, generator, task):
     """A demo transfer's folder names the generated data's folder, generator version included: a transfer measured on
     an older generator's images is never reused for the new ones (0.2's generator 2 reused scratch act/sun probes)."""
