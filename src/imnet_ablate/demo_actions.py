@@ -419,8 +419,10 @@ def write_image_sets(root: Path, splits: Mapping[str, list[str]], images: Mappin
 
 # -- the folder -------------------------------------------------------------------------------------------------------
 def folder_spec(params: ActionParams) -> dict[str, Any]:
-    """Everything that determines the files: the folder's name is its hash."""
+    """Everything that determines the files, the pair's generator version included (its ``instance_latent`` draws
+    the objects here): the folder's name is its hash."""
     return {"params": asdict(params), "generator_version": GENERATOR_VERSION,
+            "demo_generator_version": demo.GENERATOR_VERSION,
             "wordnet_sha256": wordnet.load().checksum}
 
 

@@ -215,10 +215,12 @@ def write_categories(out: Path, params: SunParams, categories: Sequence[Category
 
 # -- the folder -------------------------------------------------------------------------------------------------------
 def folder_spec(params: SunParams) -> dict[str, Any]:
-    """Everything that determines the files: the folder's name is its hash."""
+    """Everything that determines the files, the pair's generator version included (its ``instance_latent`` draws
+    the objects here): the folder's name is its hash."""
     with resources.as_file(resources.files(sun397.__package__) / sun397.CATEGORY_FILE) as categories:
         categories_sha256 = file_sha256(categories)
     return {"params": asdict(params), "generator_version": GENERATOR_VERSION,
+            "demo_generator_version": demo.GENERATOR_VERSION,
             "wordnet_sha256": wordnet.load().checksum, "categories_sha256": categories_sha256}
 
 
