@@ -51,9 +51,9 @@ PINNED = {
     'transfer data=demo scratch voc-cls': 'voc-cls-scratch-6294d2659b5a',
     'transfer data=demo scratch voc-det alexnet': 'voc-det-scratch-0915b9e052ab',
     'transfer data=demo torchvision voc-det': 'voc-det-torchvision-b777c508e880',
-    # 0.2: the action / scene devkits' names hold the pair's generator version (their objects are its instances);
-    # before: voc-act e1fffe171da4, sun-cls 1ce6f58878ad
-    'transfer data=demo scratch voc-act-demo': 'voc-act-scratch-b2828cd2a6a7',
+    # 0.2: the action / scene devkits' names hold the pair's generator version (their objects are its instances),
+    # and voc-act-demo probes 64 px crops; before: voc-act e1fffe171da4, sun-cls 1ce6f58878ad
+    'transfer data=demo scratch voc-act-demo': 'voc-act-scratch-481af0b3dd18',
     'transfer data=demo scratch sun-cls-demo': 'sun-cls-scratch-329f8e78b9c8',
     'transfer data=imagenet task=voc-cls': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
     'transfer data=imagenet task=voc-cls task.feature=conv5': 'voc-cls-full-alexnet_small-0123456789ab-d4f84399a567',
