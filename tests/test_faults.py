@@ -37,6 +37,8 @@ TINY = SUBSET + ["train.batch_size=16", "train.schedule.length=2", "train.schedu
 FINETUNE = ["task=voc-cls-demo", "task.protocol=finetune", "task.finetune.iterations=12",
             "task.finetune.batch_size=16", "task.finetune.checkpoint_every=2", "task.finetune.optimizer.steps=[8]"]
 SETS = "experiment.sets=[{label:full,subset:full},{label:scratch,subset:full,pretrain:scratch}]"
+# The paper's three tasks, detection at 400 iterations (tests/conf/task/voc-det-400.yaml) so each rerun takes seconds.
+SHORT_DETECTION = [f"hydra.searchpath=[file://{Path(__file__).parent / 'conf'}]", "tasks=[voc-det-400,voc-act,sun-cls]"]
 FAULTS: dict[str, dict[str, int]] = {}
 
 
@@ -246,7 +248,7 @@ def test_kill_transfer(tiny: dict, tmp_path: Path) -> None:
 def test_kill_run(tiny: dict, tmp_path: Path) -> None:
     def args(runs: Path, results: Path) -> list[str]:
         return ["run", *overrides(tiny, runs, TINY), SETS, "jobs=2", "transfer_seeds=1", "imagenet_probe=false",
-                f"paths.results={results}"]
+                f"paths.results={results}", *SHORT_DETECTION]
 
     reference = tmp_path / "reference"
     t0 = time.perf_counter()
