@@ -23,11 +23,11 @@ PINNED = {
     'subset 250pc': '250pc-e664e8aed19e',
     'subset wordnet-127': 'wordnet-127-c318abd0439e',
     'subset nopascal-771': 'nopascal-771-b7bc94fcf541',
-    # 0.2: train=demo version 3 (6 epochs of the demo's 48 images per class, same_iterations; version 2 had 24 and
-    # 2250 steps; 0.1's recipe left small sets untrained). 0.2 v2: 5b4cf88c09aa, 87abb4f32c14; 0.1: 6ee860438a5d,
-    # e0197eb95506
-    'pretrain full alexnet_small demo': 'full-alexnet_small-23f4d84e9cf8',
-    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-21a2c325f300',
+    # 0.2: train=demo version 4 (12 epochs of the demo's 48 images per class, 9000 steps, same_iterations; v3 had
+    # 4500 and left the full set far from trained; v2 had 24 images and 2250 steps; 0.1's recipe left small sets
+    # untrained). 0.2 v3: 23f4d84e9cf8, 21a2c325f300; v2: 5b4cf88c09aa, 87abb4f32c14; 0.1: 6ee860438a5d, e0197eb95506
+    'pretrain full alexnet_small demo': 'full-alexnet_small-b7d576dcf8b3',
+    'pretrain 250pc alexnet_small demo': '250pc-alexnet_small-22fd126ba717',
     'pretrain full alexnet caffe': 'full-alexnet-13da4c189eb5',
     'pretrain 250pc alexnet caffe': '250pc-alexnet-4858f01af784',
     # 0.2: model.version 2 (Caffe's input convention, squash, dropout after ReLU, bias 0.1); 0.1: 6f1c19371f88,

@@ -70,7 +70,7 @@ def test_newcomer_commands_run_the_demo_variants_and_say_so(demo_cache, tmp_path
                                                                 "task.iterations=2", *tiny])[0]).path
     assert "min_size: 128" in (folder / "config.yaml").read_text()
 
-    # train.reference_images sizes the schedule to the tiny demo (24 steps, not the full recipe's 4500)
+    # train.reference_images sizes the schedule to the tiny demo (48 steps, not the full recipe's 9000)
     pre = run_ablate("pretrain", "subset=250pc", "train.batch_size=250", "train.reference_images=1000",
                      "loader.num_workers=0", *tiny)
     assert pre.returncode == 0, pre.stderr[-3000:]
