@@ -96,3 +96,32 @@ def test_an_experiment_quoting_no_paper_numbers_has_no_paper_changes(paper) -> N
     assert report.paper_changes(exp, "PASCAL-DET") == {}
     quoted = OmegaConf.create({"baseline": "full", "paper": {"PASCAL-DET": {"full": 58.3, "250pc": 54.6}}})
     assert report.paper_changes(quoted, "PASCAL-DET") == {"full": (0.0, False), "250pc": (pytest.approx(-3.7), False)}
+
+
+def test_a_change_carries_its_standard_error_and_one_within_two_is_warned() -> None:
+    """full 0.70/0.74/0.72 (std 0.02) against 500pc 0.73/0.74/0.75 (std 0.01): Δ +0.02, standard error
+    sqrt(0.02²/3 + 0.01²/3) = 0.0129, so +2.0 ± 1.3 is not told apart from the baseline; 250pc's -10.0 is."""
+    frame = pd.DataFrame(runs("full", "same_iterations", 80.0, 1000, [0.70, 0.74, 0.72])
+                         + runs("500pc", "same_iterations", 78.0, 1000, [0.73, 0.74, 0.75])
+                         + runs("250pc", "same_iterations", 70.0, 1000, [0.61, 0.62, 0.63])
+                         + runs("wordnet-127", "same_iterations", 70.0, 127, [0.70]))
+    exp = OmegaConf.merge(EXP, {"sets": [{"label": "full"}, {"label": "500pc"}, {"label": "250pc"},
+                                         {"label": "wordnet-127"}]})
+    table = report.summarize(frame, exp)
+    errors = table.set_index("set")["delta_se"]
+    assert errors["500pc"] == pytest.approx(math.sqrt(0.02 ** 2 / 3 + 0.01 ** 2 / 3))
+    assert math.isnan(errors["full"]) and math.isnan(errors["wordnet-127"])  # the baseline; a single run
+    lines = report.markdown_table(table).splitlines()[2:]
+    cells = {line.split(" | ")[1]: line.strip("|").split("|") for line in lines}
+    assert cells["500pc"][12].strip() == "+2.0 ± 1.3" and cells["wordnet-127"][12].strip() == "-2.0"
+    notes = [n for n in report.warnings(table, exp) if "standard errors" in n]
+    assert notes == ["voc-det (same_iterations): 500pc +2.0 ± 1.3 within two standard errors of 0: these runs do "
+                     "not tell them from the baseline (more transfer_seeds=N or pretrain_seeds=N narrow the error)"]
+
+
+def test_runs_that_cannot_differ_give_no_standard_error() -> None:
+    frame = pd.DataFrame(runs("full", "same_iterations", 80.0, 1000, [0.504] * 3, protocol="linear")
+                         + runs("250pc", "same_iterations", 70.0, 1000, [0.493] * 3, protocol="linear"))
+    table = report.summarize(frame, EXP)
+    assert table["delta_se"].isna().all()
+    assert not any("standard errors" in n for n in report.warnings(table, EXP))

@@ -10,7 +10,10 @@ task), since absolute numbers depend on the detector code and the data.
 Beside each score: the pre-training's budget rule, iterations and epochs, its own top-1, the paper's ImageNet column
 (the 1000-way probe's top-1 / top-5, or the set's own for the 1000 fine classes), and how many pre-trainings and
 transfers the mean and ± are over. A pre-training whose own top-1 is near chance (``did_not_train``) is marked,
-left out of the changes, and warned about: a network that did not learn is no evidence about its data.
+left out of the changes, and warned about: a network that did not learn is no evidence about its data. Each change
+carries its standard error where both sides have a spread (``delta_error``); a change within two of them is warned
+about as not told apart from the baseline by these runs, since on a few runs a fine-tuning's noise can be as large
+as the paper's effect.
 """
 from __future__ import annotations
 
@@ -142,6 +145,7 @@ def summarize(frame: pd.DataFrame, exp: DictConfig) -> pd.DataFrame:
             "imagenet_top5": _mean(group, "imagenet_top5"), "imagenet_from": _first(group, "imagenet_from"),
             "score": group["score"].mean(), "score_std": group["score"].std(ddof=1) if len(group) > 1 else math.nan,
             "pretrainings": group["pretrain_seed"].nunique(), "transfers": group["seed"].nunique(),
+            "runs": len(group),
         })
     table = pd.DataFrame(out)
     table["order"] = table["set"].map(order)
@@ -150,10 +154,35 @@ def summarize(frame: pd.DataFrame, exp: DictConfig) -> pd.DataFrame:
     keys = list(zip(table["task"], table["budget"]))
     table["delta"] = [score - base.get(k, math.nan) if ok else math.nan
                       for score, k, ok in zip(table["score"], keys, table["trained"])]
+    table["delta_se"] = delta_errors(table, str(exp.baseline))
     changes = {task: paper_changes(exp, paper) for task, paper in zip(table["task"], table["paper_task"])}
     table["paper_delta"] = [changes[t].get(s, (math.nan, False))[0] for t, s in zip(table["task"], table["set"])]
     table["paper_derived"] = [changes[t].get(s, (math.nan, False))[1] for t, s in zip(table["task"], table["set"])]
     return table
+
+
+def delta_errors(table: pd.DataFrame, baseline: str) -> list[float]:
+    """Standard error of each change, sqrt(s^2/n + s_b^2/m) from the set's and the baseline's spread over their runs.
+    None (NaN) for the baseline itself, for a side with a single run (no spread to read), and where both spreads are
+    0 (runs that cannot differ, e.g. a deterministic probe of one network, say nothing about noise)."""
+    base = table[table["set"] == baseline].set_index(["task", "budget"])
+    errors = []
+    for r in table.itertuples():
+        key = (r.task, r.budget)
+        if r.set == baseline or key not in base.index or math.isnan(r.delta):
+            errors.append(math.nan)
+            continue
+        b = base.loc[key]
+        if r.runs < 2 or b["runs"] < 2 or max(r.score_std, b["score_std"]) < 1e-9:  # 0 up to rounding
+            errors.append(math.nan)
+            continue
+        errors.append(math.sqrt(r.score_std ** 2 / r.runs + b["score_std"] ** 2 / b["runs"]))
+    return errors
+
+
+def _delta_cell(r: Any) -> str:
+    cell = _fmt(100 * r.delta, signed=True)
+    return cell if math.isnan(r.delta_se) else f"{cell} ± {100 * r.delta_se:.1f}"
 
 
 def _fmt(value: Any, digits: int = 1, signed: bool = False) -> str:
@@ -187,7 +216,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     paper = first["paper_task"] if table["paper_delta"].notna().any() else None
     header = ["task", "pre-training set", "budget", "classes", "images", "iterations", "epochs", "pre-train top-1",
               "ImageNet top-1 / top-5", first["score_name"], spread_label(table), "pre-trainings x transfers",
-              "Δ vs baseline", *([f"paper Δ ({paper})"] if paper else [])]
+              "Δ vs baseline (± its standard error)", *([f"paper Δ ({paper})"] if paper else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
         pretrained = not (isinstance(r.pretrain_top1, float) and math.isnan(r.pretrain_top1))
@@ -195,7 +224,7 @@ def markdown_table(table: pd.DataFrame) -> str:
         cells = [r.task, r.set, r.budget if pretrained else "-", _fmt(r.classes, 0), _fmt(r.images, 0),
                  _fmt(r.iterations, 0), _fmt(r.epochs, 0),
                  _fmt(r.pretrain_top1) + ("" if r.trained else " (did not train)"), _imagenet_cell(r),
-                 _fmt(100 * r.score), _fmt(100 * r.score_std), runs, _fmt(100 * r.delta, signed=True)]
+                 _fmt(100 * r.score), _fmt(100 * r.score_std), runs, _delta_cell(r)]
         if paper:
             cells.append(_fmt(r.paper_delta, signed=True) + (DERIVED if r.paper_derived else ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -208,7 +237,8 @@ def markdown_tables(table: pd.DataFrame) -> str:
 
 def warnings(table: pd.DataFrame, exp: DictConfig) -> list[str]:
     """Lines for the reader: sets that did not train (left out of the changes), a baseline that did not (no change
-    in its group), tasks whose transfer is deterministic given the network (no spread over transfer seeds)."""
+    in its group), tasks whose transfer is deterministic given the network (no spread over transfer seeds), changes
+    within two standard errors of 0 (not told apart from the baseline by these runs)."""
     lines = []
     for r in table[~table["trained"]].drop_duplicates(["budget", "set"]).itertuples():
         lines.append(f"{r.set} ({r.budget}): pre-training top-1 {r.pretrain_top1:.1f}% is below "
@@ -221,6 +251,11 @@ def warnings(table: pd.DataFrame, exp: DictConfig) -> list[str]:
             lines.append(f"{task}: the linear probe is deterministic given the network (L-BFGS from zeros on frozen "
                          "features), so its spread over transfer seeds of a pre-trained network is 0; pre-training "
                          "noise needs pretrain_seeds=N")
+    unresolved = table[table["delta"].abs() < 2 * table["delta_se"]]
+    for (task, budget), group in unresolved.groupby(["task", "budget"], sort=False):
+        changes = ", ".join(f"{r.set} {_delta_cell(r)}" for r in group.itertuples())
+        lines.append(f"{task} ({budget}): {changes} within two standard errors of 0: these runs do not tell them "
+                     "from the baseline (more transfer_seeds=N or pretrain_seeds=N narrow the error)")
     return lines
 
 
@@ -268,7 +303,8 @@ def write(cfg: DictConfig, jobs: list) -> Path:
     table = summarize(frame, exp) if not frame.empty else pd.DataFrame()
     lines = [f"# {exp.get('title', exp.name)}", "",
              f"Data: `{cfg.data.name}`; baseline: `{exp.baseline}` (trained under the same budget rule); scores in "
-             "percent, mean over every run of a set (pre-trainings x transfers); Δ against this tool's own baseline, "
+             "percent, mean over every run of a set (pre-trainings x transfers); Δ against this tool's own baseline "
+             "(± its standard error, sqrt(s²/n + s_b²/m) over both sides' runs, where both have a spread), "
              "beside the paper's change for the same task where it gives one "
              f"({DERIVED}: computed from the paper's text, not quoted from a table). Budget: the rule a set smaller "
              "than the reference set was trained under (same_epochs: fewer iterations; same_iterations: more passes "
