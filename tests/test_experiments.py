@@ -188,3 +188,23 @@ def test_seeds_axes_tie_each_row_to_its_own_pre_training(demo_cache, tmp_path):
     assert "± std over 2 pre-trainings x 2 transfers" in proc.stdout and table[11] == "2 x 2"
     assert float(table[7].split()[0]) == pytest.approx(sum(tops.values()) / 2, abs=0.05)
     assert table[8] != "-"  # the probe's ImageNet top-1 / top-5
+
+
+def test_a_task_key_goes_to_every_task_and_task_preset_is_refused(demo_cache, tmp_path):
+    """`task.linear.iterations=5` reaches the transfers of both probes (new folders, same pre-trainings); a task
+    without the key, a sweep of it, and `task=<preset>` (which would turn every task into one) are one-line errors."""
+    common = ["experiment=demo", "transfer_seeds=1", "plan=true", "tasks=[voc-act,sun-cls]",
+              *tiny_demo_overrides(demo_cache, tmp_path / "runs")]
+    plain, changed = (plan_rows(run_ablate("run", *common, *extra).stdout) for extra in ([], ["task.linear.iterations=5"]))
+    assert len(plain) == len(changed) > 0
+    for before, after in zip(plain, changed):
+        assert (before["folder"] == after["folder"]) == (before["kind"] != "transfer"), (before, after)
+    refused = {"tasks=[voc-det,voc-act]": "task.linear.iterations=5: no such key in task voc-det (a task.<key> "
+                                          "argument goes to every task of tasks=[voc-det,voc-act])",
+               "task=voc-act": "task=voc-act: `ablate run` runs each task of tasks=[...]; choose them with "
+                               "tasks=[voc-act]"}
+    for extra, message in refused.items():
+        proc = run_ablate("run", *common, extra, "task.linear.iterations=5")
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    sweep = run_ablate("run", *common, "-m", "task.linear.iterations=5,6")
+    assert sweep.returncode == 2 and "does not sweep a task's keys" in sweep.stderr

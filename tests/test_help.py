@@ -27,7 +27,9 @@ def test_every_command_has_examples_with_real_presets_and_keys(hydra_session):
             words = shlex.split(example)
             assert words[0] == "ablate" and split_command(words[1:])[0] == name, example
             # presets and keys, as for a sweep (composing each example in full would cost 31 compositions)
-            overrides.check(name, cmd.config, ["-m", *split_command(words[1:])[1]])
+            args = split_command(words[1:])[1]
+            overrides.check(name, cmd.config, ["-m", *(overrides.fold_task_keys(name, args) if cmd.many_tasks
+                                                        else args)])
 
 
 def test_every_command_has_a_help_page(hydra_session):

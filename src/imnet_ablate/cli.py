@@ -29,6 +29,7 @@ class Command(NamedTuple):
     help: str
     examples: tuple[str, ...] = ()  # shown by `ablate <command> --help`; the tests check that each one composes
     sized: bool = False  # on the demo data, its task and subset are demo-sized (sizing.py)
+    many_tasks: bool = False  # runs every task of `tasks`: task.<key>=... go to each (overrides.fold_task_keys)
 
 
 COMMANDS: dict[str, Command] = {
@@ -84,11 +85,12 @@ COMMANDS: dict[str, Command] = {
         "ablate run experiment=demo pretrain_seeds=3 transfer_seeds=1 jobs=2",
         "ablate run experiment=images-per-class budget=both",
         "ablate run experiment=images-per-class plan=true",
-    )),
+        "ablate run experiment=images-per-class tasks=[voc-det] task.iterations=2400 'task.optimizer.steps=[1800]'",
+    ), many_tasks=True),
     "report": Command("report", "imnet_ablate.experiments:report", "collect finished runs into tables and plots", (
         "ablate report experiment=demo",
         "ablate report experiment=demo pretrain_seeds=3 transfer_seeds=1",
-    )),
+    ), many_tasks=True),
     "bench": Command("bench", "imnet_ablate.bench:run", "time the loader, the model and the train step", (
         "ablate bench what=loader",
         "ablate bench what=train bench.model=alexnet_small bench.steps=10",
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             return page(help.render_family(argv[0], family(argv[0])))
         name, rest = split_command(argv)
         cmd, label = COMMANDS[name], f"ablate {name}"
+        rest = overrides.fold_task_keys(name, rest) if cmd.many_tasks else rest
         if "--help" in rest or "-h" in rest:
             overrides.check(name, cmd.config, [a for a in rest if a not in ("--help", "-h")])
             return page(help.render(name, cmd.help, cmd.config, cmd.examples, rest, cmd.sized))

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # keys of conf/run.yaml that stages don't have
 RUN_ONLY_KEYS = {"experiment", "seeds", "pretrain_seeds", "transfer_seeds", "budget", "imagenet_probe", "jobs", "plan",
-                 "tasks"}
+                 "tasks", "task_overrides"}
 TRANSFER_ONLY_KEYS = {"task", "pretrain"}
 PROBE_ONLY_KEYS = {"probe"}
 SEED_KEYS = {"seed", "pretrain_seed"}  # set per stage from pretrain_seeds / transfer_seeds
@@ -88,6 +88,10 @@ def user_overrides() -> list[str]:
 
 def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
+
+
+def _override_key_path(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
 
 
 def _without(overrides: list[str], keys: set[str]) -> list[str]:
@@ -171,6 +175,7 @@ class Planner:
         self.jobs: list[Job] = []
         self.stages: dict[str, Job] = {}
         self.said: dict[str, None] = {}  # what the demo sizing changed, once each
+        self.check_task_keys()
         self.probes = wants_probes(cfg.imagenet_probe, [
             self.compose("pretrain", [*set_overrides(e, str(cfg.data.name)), *self.exp.get("pretrain_overrides", []),
                                       *self.pretrain_common])[0].subset
@@ -179,6 +184,19 @@ class Planner:
             from . import probe
 
             probe.check(cfg.probe)  # before any stage runs
+
+    def check_task_keys(self) -> None:
+        """Each ``task.<key>=`` argument names a key of every task it goes to (one line naming the task that lacks it,
+        before any stage runs), instead of Hydra's "Could not override" from the first transfer that cannot take it."""
+        from .overrides import has_key, key_hint
+
+        for task in self.cfg.tasks if self.cfg.task_overrides else []:
+            tcfg, _ = self.compose("transfer", [*self.transfer_common, f"task={task}"])
+            for text in self.cfg.task_overrides:
+                key = _override_key_path(text)
+                if not has_key(tcfg, key):
+                    raise UserError(f"{text}: no such key in task {task} (a task.<key> argument goes to every task "
+                                    f"of tasks=[{','.join(self.cfg.tasks)}]){key_hint(key, tcfg, [])}")
 
     def compose(self, config_name: str, overrides: list[str]) -> tuple[DictConfig, sizing.Sizing]:
         cfg, sized = stage_config(config_name, overrides)
@@ -222,7 +240,7 @@ class Planner:
                 tcfg, sized = self.compose("transfer", [
                     *chosen, f"task={task}", f"seed={seed}", f"pretrain_seed={pretrain_seed}", f"pretrain={source}",
                     *self.exp.get("pretrain_overrides", []), *self.exp.get("transfer_overrides", []),
-                    *self.transfer_common, *budget])
+                    *self.transfer_common, *budget, *self.cfg.task_overrides])
                 network = transfer.source_of(tcfg)
                 if pre is not None and network.folder != pre.stage.path:
                     raise UserError(f"experiment set {entry.label}: its transfers would start from {network.folder}, "

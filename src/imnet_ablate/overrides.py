@@ -124,6 +124,33 @@ def _values(override: Any) -> list[str]:
     return [override.get_value_element_as_str()]
 
 
+def _quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def fold_task_keys(command: str, args: list[str]) -> list[str]:
+    """For a command that runs every task of ``tasks`` (``ablate run``, ``ablate report``): ``task.<key>=<value>``
+    arguments become one ``task_overrides=[...]`` (each task's transfers take them; its config has no single task to
+    hold them), and ``task=<preset>``, which would silently turn every task into that one, is refused."""
+    parsed_args = split_args(args)
+    folded = []
+    for text, override in zip(parsed_args.overrides, _parse(parsed_args.overrides)):
+        key = override.key_or_group
+        if key == "task":
+            raise UserError(f"{text}: `ablate {command}` runs each task of tasks=[...]; choose them with "
+                            f"tasks=[{_values(override)[0]}], and set a task's keys with task.<key>=<value>")
+        if key == "task_overrides":
+            raise UserError(f"{text}: set by `ablate {command}` from task.<key>=<value> arguments; give those instead")
+        if key.startswith("task.") and override.is_sweep_override():
+            raise UserError(f"{text}: `ablate {command}` does not sweep a task's keys; run it once per value "
+                            "(finished stages are reused)")
+        if key.startswith("task."):
+            folded.append(text)
+    if not folded:
+        return args
+    return [*(a for a in args if a not in folded), f"task_overrides=[{','.join(_quoted(t) for t in folded)}]"]
+
+
 def check_group(command: str, override: Any, used: dict[str, str], roots: list[Path]) -> None:
     """A group override names a group this command uses and, for each swept value, one of its presets (in conf/
     or in the ``roots`` a hydra.searchpath adds)."""
@@ -144,16 +171,20 @@ def check_key(command: str, key: str, cfg: DictConfig, used: dict[str, str]) -> 
     node too, for ``hydra.launcher.*`` keys."""
     if has_key(cfg, key):
         return
+    hint = key_hint(key, cfg, list(used)) or f"; `ablate {command} --help` lists the keys"
+    raise UserError(f"{key}: no such key in `ablate {command}`{hint}")
+
+
+def key_hint(key: str, cfg: DictConfig, groups: list[str]) -> str:
+    """"; did you mean ..." for a key ``cfg`` lacks: its siblings where its parent exists, else every key (and the
+    ``groups``), or ""."""
     parent, _, last = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent and has_key(cfg, parent) else None
     if isinstance(node, DictConfig):  # compare names with names: a long shared prefix would match anything
-        hint = did_you_mean(last, [str(k) for k in node.keys()], prefix=f"{parent}.")
-    else:
-        hydra_key = key.startswith("hydra.")
-        known = [k for k in dotted_keys(cfg) if k.startswith("hydra.") == hydra_key and k != "hydra"] + list(used)
-        hint = did_you_mean(key, known)
-    hint = hint or f"; `ablate {command} --help` lists the keys"
-    raise UserError(f"{key}: no such key in `ablate {command}`{hint}")
+        return did_you_mean(last, [str(k) for k in node.keys()], prefix=f"{parent}.")
+    hydra_key = key.startswith("hydra.")
+    known = [k for k in dotted_keys(cfg) if k.startswith("hydra.") == hydra_key and k != "hydra"] + groups
+    return did_you_mean(key, known)
 
 
 def check(command: str, config: str, args: list[str]) -> None:
