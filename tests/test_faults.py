@@ -6,6 +6,7 @@ never changes). ``FAULTS`` collects the counts that docs/reliability.md records.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import random
@@ -267,15 +268,26 @@ def test_kill_run(tiny: dict, tmp_path: Path) -> None:
 
 
 def test_two_concurrent_runs_do_the_work_once(tiny: dict, tmp_path: Path) -> None:
+    """Both processes reach the pre-training while its lock is held (here by the test, so that they meet even when a
+    loaded machine starts the second after the first would have finished); once it is free, one trains, the other
+    waits for it and reuses its result."""
     runs = tmp_path / "runs"
+    folder = runs / "pretrain" / stage_dir(tiny["runs"], "pretrain").name  # the same config: the same folder
+    folder.mkdir(parents=True)
     logs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    held = os.open(folder / "LOCK", os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(held, fcntl.LOCK_EX)
     procs = [start(["pretrain", *overrides(tiny, runs)], log) for log in logs]
+    deadline = time.time() + 600
+    while not all("waiting for" in log.read_text() for log in logs) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+        time.sleep(0.2)
+    os.close(held)  # releases the flock
     assert [p.wait(timeout=600) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
     outs = [log.read_text() for log in logs]
-    assert len({o.strip().splitlines()[-1] for o in outs}) == 1  # the same run_dir
-    folder = stage_dir(runs, "pretrain")
+    assert all("waiting for" in o for o in outs)
+    assert len({o.strip().splitlines()[-1] for o in outs}) == 1 and str(folder) in outs[0]  # the same run_dir
     assert (folder / "log.txt").read_text().count("training ") == 1  # one process trained, from the start
-    assert "waiting for" in outs[0] + outs[1]
     assert not (folder / "LOCK").exists()
     assert_same_pretrain(stage_dir(tiny["runs"], "pretrain"), folder)
     FAULTS["concurrent"] = {"injected": 1, "survived": 1, "data_lost": 0}
