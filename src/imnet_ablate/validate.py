@@ -272,6 +272,9 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("imagenet_probe", either("auto", SWITCH)),
     ("jobs", either("auto", integer(1))),
     ("plan", SWITCH),
+    ("task_overrides", ((lambda v: isinstance(v, list) and all(isinstance(x, str) and x.lstrip("+~").startswith("task.")
+                                                              for x in v)),
+                        "a list of task.<key>=<value> (filled from the command line's task.* arguments)")),
 ]
 
 
