@@ -11,7 +11,7 @@ Beside each score: the pre-training's budget rule, iterations and epochs, its ow
 (the 1000-way probe's top-1 / top-5, or the set's own for the 1000 fine classes), and how many pre-trainings and
 transfers the mean and ± are over. A pre-training whose own top-1 is near chance (``did_not_train``) is marked,
 left out of the changes, and warned about: a network that did not learn is no evidence about its data. Each change
-carries its standard error where both sides have a spread (``delta_error``); a change within two of them is warned
+carries its standard error where both sides have a spread (``delta_errors``); a change within two of them is warned
 about as not told apart from the baseline by these runs, since on a few runs a fine-tuning's noise can be as large
 as the paper's effect.
 """
