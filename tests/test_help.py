@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imnet_ablate import conftree, help, overrides
-from imnet_ablate.cli import COMMANDS, split_command
+from imnet_ablate.cli import COMMANDS, command_args, split_command
 from imnet_ablate.errors import UserError
 
 
@@ -27,9 +27,7 @@ def test_every_command_has_examples_with_real_presets_and_keys(hydra_session):
             words = shlex.split(example)
             assert words[0] == "ablate" and split_command(words[1:])[0] == name, example
             # presets and keys, as for a sweep (composing each example in full would cost 31 compositions)
-            args = split_command(words[1:])[1]
-            overrides.check(name, cmd.config, ["-m", *(overrides.fold_task_keys(name, args) if cmd.many_tasks
-                                                        else args)])
+            overrides.check(name, cmd.config, ["-m", *command_args(name, split_command(words[1:])[1])])
 
 
 def test_every_command_has_a_help_page(hydra_session):

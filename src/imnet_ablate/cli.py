@@ -131,6 +131,12 @@ def page(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
 
 
+def command_args(name: str, rest: list[str]) -> list[str]:
+    """A command's arguments as its config takes them: for one that runs every task of ``tasks``, its task keys
+    folded into ``task_overrides`` (``overrides.fold_task_keys``)."""
+    return overrides.fold_task_keys(name, rest) if COMMANDS[name].many_tasks else rest
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             return page(help.render_family(argv[0], family(argv[0])))
         name, rest = split_command(argv)
         cmd, label = COMMANDS[name], f"ablate {name}"
-        rest = overrides.fold_task_keys(name, rest) if cmd.many_tasks else rest
+        rest = command_args(name, rest)
         if "--help" in rest or "-h" in rest:
             overrides.check(name, cmd.config, [a for a in rest if a not in ("--help", "-h")])
             return page(help.render(name, cmd.help, cmd.config, cmd.examples, rest, cmd.sized))

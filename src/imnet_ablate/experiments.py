@@ -86,12 +86,12 @@ def user_overrides() -> list[str]:
     return [o for o in app_overrides() if o.startswith("hydra.searchpath=") or _override_key(o) not in RUN_ONLY_KEYS]
 
 
-def _override_key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
-
-
 def _override_key_path(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
+
+
+def _override_key(override: str) -> str:
+    return _override_key_path(override).split(".", 1)[0].split("/", 1)[0]
 
 
 def _without(overrides: list[str], keys: set[str]) -> list[str]:

@@ -168,15 +168,12 @@ def delta_errors(table: pd.DataFrame, baseline: str) -> list[float]:
     base = table[table["set"] == baseline].set_index(["task", "budget"])
     errors = []
     for r in table.itertuples():
-        key = (r.task, r.budget)
-        if r.set == baseline or key not in base.index or math.isnan(r.delta):
+        if r.set == baseline or math.isnan(r.delta):  # no change, or no trained baseline to change against
             errors.append(math.nan)
             continue
-        b = base.loc[key]
-        if r.runs < 2 or b["runs"] < 2 or max(r.score_std, b["score_std"]) < 1e-9:  # 0 up to rounding
-            errors.append(math.nan)
-            continue
-        errors.append(math.sqrt(r.score_std ** 2 / r.runs + b["score_std"] ** 2 / b["runs"]))
+        b = base.loc[(r.task, r.budget)]
+        spread = r.runs >= 2 and b["runs"] >= 2 and max(r.score_std, b["score_std"]) >= 1e-9  # 0 up to rounding
+        errors.append(math.sqrt(r.score_std ** 2 / r.runs + b["score_std"] ** 2 / b["runs"]) if spread else math.nan)
     return errors
 
 
