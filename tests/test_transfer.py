@@ -155,6 +155,19 @@ def test_bad_sources_are_one_line_errors(demo_cache, tmp_path, monkeypatch):
         source.torchvision_network(config(demo_cache, tmp_path))
 
 
+def test_a_bad_task_key_fails_before_the_pre_training_data_is_read(tmp_path):
+    """pretrain=subset and scratch train cfg.model: the task is checked against it before the source lookup lists
+    the subset, so the error is the task key's, in a second, even when the ImageNet root does not exist."""
+    for pretrain in ("subset", "scratch"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = compose("transfer", [f"paths.runs={tmp_path / 'runs'}", f"pretrain={pretrain}", "task.feature=fc9",
+                                       "data=imagenet", f"data.root={tmp_path / 'absent'}",
+                                       f"data.voc_root={tmp_path / 'absent'}"])
+        with pytest.raises(UserError, match="task.feature=fc9: AlexNet has no such layer"):
+            transfer.run(cfg)
+    assert not (tmp_path / "absent").exists() and not any((tmp_path / "runs").glob("**/stage.json"))
+
+
 def test_det_targets_drop_difficult_and_flip_in_continuous_coordinates(demo_cache, tmp_path):
     root = datasets.root(config(demo_cache, tmp_path), "voc2007")
     img = next(i for i in voc.load_split(root, "trainval") if i.difficult.any() and (~i.difficult).any())

@@ -40,7 +40,10 @@ def run(cfg: DictConfig) -> Path:
     """``ablate transfer``: train and score one (pre-trained network, task, seed); reuse a finished folder."""
     import torch
 
-    source, task, seed = source_of(cfg), task_for(cfg.task), int(cfg.seed)
+    task, seed = task_for(cfg.task), int(cfg.seed)
+    if str(cfg.pretrain) in ("subset", "scratch"):  # the network is cfg.model: a bad task key fails before the
+        task.check_network(skeleton(cfg.model))     # source lookup lists the subset (and generates the demo)
+    source = source_of(cfg)
     st = stage_for(cfg, source, task)
     if st.is_done():
         return st.path
