@@ -46,8 +46,9 @@ PINNED = {
     'transfer data=demo task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-7e462f0860ab',
     'transfer data=demo task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-9184b7c35a8d',
     'transfer data=demo task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-9268191320ea',
-    # 0.2: voc-det-demo trains 4800 iterations, not 400 (before: 3e6ccb9ac4ef; data=imagenet 88a7574010c6)
-    'transfer data=demo task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-d940428843b3',
+    # 0.2: voc-det-demo trains 9600 iterations, not 400 (0.1: 3e6ccb9ac4ef, data=imagenet 88a7574010c6; 0.2 at 4800:
+    # d940428843b3, 0ca84288077d)
+    'transfer data=demo task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-c3fd663ac94c',
     'transfer data=demo task=voc-cls seed=2': 'voc-cls-full-alexnet_small-0123456789ab-72279c67e97f',
     'transfer data=demo scratch voc-cls': 'voc-cls-scratch-6294d2659b5a',
     'transfer data=demo scratch voc-det alexnet': 'voc-det-scratch-0915b9e052ab',
@@ -61,7 +62,7 @@ PINNED = {
     'transfer data=imagenet task=voc-cls task.protocol=finetune': 'voc-cls-full-alexnet_small-0123456789ab-e12e7ceb6d4a',
     'transfer data=imagenet task=voc-cls-demo': 'voc-cls-full-alexnet_small-0123456789ab-a3802c88e318',
     'transfer data=imagenet task=voc-det': 'voc-det-full-alexnet_small-0123456789ab-3751b83aea91',
-    'transfer data=imagenet task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-0ca84288077d',
+    'transfer data=imagenet task=voc-det-demo': 'voc-det-full-alexnet_small-0123456789ab-a48e7b884a65',
     'transfer data=imagenet task=voc-cls seed=2': 'voc-cls-full-alexnet_small-0123456789ab-de78db373a57',
     'transfer data=imagenet scratch voc-cls': 'voc-cls-scratch-e12690550dc3',
     'transfer data=imagenet scratch voc-det alexnet': 'voc-det-scratch-f561ff8bf8af',
