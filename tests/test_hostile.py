@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 A, B = "n01440764", "n01443537"  # two ILSVRC-2012 classes
 TINY = ["subset.classes=16", "subset.name=h16", "train.batch_size=16", "train.schedule.length=1",
-        "train.schedule.step_every=1", "loader.num_workers=0"]
+        "train.schedule.step_every=1", "train.budget=same_epochs", "loader.num_workers=0"]
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what a printed name must never carry (tab excepted: log)
 HOSTILE: dict[str, dict[str, int]] = {}
 
@@ -443,8 +443,9 @@ def test_decompression_bomb_is_skipped_by_pretraining_without_memory(tmp_path):
     bomb = make_file_at(root / "train" / A / f"{A}_bomb.JPEG", bomb_jpeg())
     make_file_at(root / "train" / B / f"{B}_bomb.JPEG", bomb_png())
     args = ["pretrain", "data=imagenet", f"data.root={root}", f"subset.classes=[{A},{B}]", "train.batch_size=6",
-            "train.schedule.length=1", "train.schedule.step_every=1", "loader.num_workers=0",
-            "loader.max_bad_fraction=0.2", f"paths.runs={tmp_path / 'runs'}", f"paths.cache={tmp_path / 'cache'}"]
+            "train.schedule.length=1", "train.schedule.step_every=1", "train.budget=same_epochs",
+            "loader.num_workers=0", "loader.max_bad_fraction=0.2", f"paths.runs={tmp_path / 'runs'}",
+            f"paths.cache={tmp_path / 'cache'}"]
     proc = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
