@@ -57,6 +57,14 @@ def sun397_demo(demo_cache: Path) -> Path:
     return demo_sun397.ensure({**TINY_DEMO, "sun397": TINY_SUN397}, demo_cache)
 
 
+def tiny_recipe(epochs: int = 1) -> list[str]:
+    """Training overrides for a pre-training of a few seconds on a tiny subset: batch 16, ``epochs`` epochs, lr step
+    after the first. ``same_epochs`` because train=demo gives every set the full demo set's iterations: a tiny subset
+    would otherwise train thousands of steps (a test then passes, minutes late)."""
+    return ["train.batch_size=16", f"train.schedule.length={epochs}", "train.schedule.step_every=1",
+            "train.budget=same_epochs", "loader.num_workers=0"]
+
+
 def tiny_demo_overrides(cache: Path, runs: Path) -> list[str]:
     """Hydra overrides that point a command at the tiny demo and an isolated runs folder."""
     return ([f"paths.cache={cache}", f"paths.runs={runs}"] + [f"data.demo.{k}={v}" for k, v in TINY_DEMO.items()]

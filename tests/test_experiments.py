@@ -14,13 +14,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides
+from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
 # Pre-trainings of a few seconds: 16 random classes of the tiny demo, 1 epoch.
-TINY = ["subset.classes=16", "subset.name=x16", "train.batch_size=16", "train.schedule.length=1",
-        "train.schedule.step_every=1", "train.budget=same_epochs", "loader.num_workers=0"]
+TINY = ["subset.classes=16", "subset.name=x16", *tiny_recipe()]
 RUN = ["jobs=2", "transfer_seeds=1", "imagenet_probe=false", "tasks=[voc-cls]"]  # one cheap transfer per network
 SETS = "experiment.sets=[{label:full,subset:full},{label:scratch,subset:full,pretrain:scratch}]"
 

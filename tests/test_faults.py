@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_ablate, tiny_demo_overrides
+from conftest import REPO, run_ablate, tiny_demo_overrides, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,7 @@ KILLS_PER_COMMAND = 10
 SEED = 20261126
 # A pre-training of a few seconds: 16 random classes x 4 images, 2 epochs of 4 steps, a checkpoint every step.
 SUBSET = ["subset.classes=16", "subset.name=fi16"]
-TINY = SUBSET + ["train.batch_size=16", "train.schedule.length=2", "train.schedule.step_every=1",
-                 "train.budget=same_epochs", "train.deterministic=true", "train.checkpoint_every=1",
-                 "loader.num_workers=0"]
+TINY = [*SUBSET, *tiny_recipe(epochs=2), "train.deterministic=true", "train.checkpoint_every=1"]
 # Fine-tuning (not the cheap linear probe) so that transfer's own checkpoints are resumed.
 FINETUNE = ["task=voc-cls-demo", "task.protocol=finetune", "task.finetune.iterations=12",
             "task.finetune.batch_size=16", "task.finetune.checkpoint_every=2", "task.finetune.optimizer.steps=[8]"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_DEMO, run_ablate, run_dir_of, tiny_demo_overrides
+from conftest import REPO, TINY_DEMO, run_ablate, run_dir_of, tiny_demo_overrides, tiny_recipe
 from forkrun import Outcome, run_batch
 from hostile import (SEED, bad_names, bomb_jpeg, bomb_png, corrupt_text, crafted, escaping_names, escaping_paths,
                      jpeg_bytes, make_file, utf16)
@@ -32,8 +32,7 @@ from imnet_ablate import voc
 pytestmark = pytest.mark.slow
 
 A, B = "n01440764", "n01443537"  # two ILSVRC-2012 classes
-TINY = ["subset.classes=16", "subset.name=h16", "train.batch_size=16", "train.schedule.length=1",
-        "train.schedule.step_every=1", "train.budget=same_epochs", "loader.num_workers=0"]
+TINY = ["subset.classes=16", "subset.name=h16", *tiny_recipe()]
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what a printed name must never carry (tab excepted: log)
 HOSTILE: dict[str, dict[str, int]] = {}
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_ablate, run_dir_of, tiny_demo_overrides
+from conftest import run_ablate, run_dir_of, tiny_demo_overrides, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
 PLUGIN = Path(__file__).parent / "plugin_example"
-TINY_PRETRAIN = ["subset.classes=16", "subset.name=x16", "train.batch_size=16", "train.schedule.length=1",
-                 "train.schedule.step_every=1", "train.budget=same_epochs", "loader.num_workers=0"]
+TINY_PRETRAIN = ["subset.classes=16", "subset.name=x16", *tiny_recipe()]
 
 
 def test_a_users_package_adds_a_backbone_and_a_task(demo_cache, tmp_path):
