@@ -207,3 +207,19 @@ def test_a_task_key_goes_to_every_task_and_task_preset_is_refused(demo_cache, tm
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     sweep = run_ablate("run", *common, "-m", "task.linear.iterations=5,6")
     assert sweep.returncode == 2 and "does not sweep a task's keys" in sweep.stderr
+
+
+@pytest.mark.parametrize("task, settings, message", [
+    ("voc-det", ["task.freeze_convs=5"], "task.freeze_convs=5: AlexNet has 4 stages; expected at most 4"),
+    ("voc-act", ["task.protocol=finetune", "task.finetune.freeze_convs=5"],
+     "task.finetune.freeze_convs=5: AlexNet has 4 stages; expected at most 4"),
+    ("voc-cls", ["task.feature=fc9"], "task.feature=fc9: AlexNet has no such layer"),
+])
+def test_a_task_setting_the_network_cannot_take_fails_before_any_stage(demo_cache, tmp_path, task, settings,
+                                                                        message):
+    """Checked against each transfer's network while planning: not after the pre-training it waits for, and not
+    after its own folder is written (alexnet_small has four convolutions)."""
+    proc = run_ablate("run", *tiny_demo_overrides(demo_cache, tmp_path / "runs"), *TINY, "transfer_seeds=1",
+                      "imagenet_probe=false", SETS, f"tasks=[{task}]", *settings)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()

@@ -155,15 +155,19 @@ def test_bad_sources_are_one_line_errors(demo_cache, tmp_path, monkeypatch):
         source.torchvision_network(config(demo_cache, tmp_path))
 
 
-def test_a_bad_task_key_fails_before_the_pre_training_data_is_read(tmp_path):
+@pytest.mark.parametrize("settings, message", [
+    (["task.feature=fc9"], "task.feature=fc9: AlexNet has no such layer"),
+    (["task=voc-det", "task.freeze_convs=5"], "task.freeze_convs=5: AlexNet has 4 stages; expected at most 4"),
+])
+def test_a_bad_task_key_fails_before_the_pre_training_data_is_read(tmp_path, settings, message):
     """pretrain=subset and scratch train cfg.model: the task is checked against it before the source lookup lists
     the subset, so the error is the task key's, in a second, even when the ImageNet root does not exist."""
     for pretrain in ("subset", "scratch"):
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = compose("transfer", [f"paths.runs={tmp_path / 'runs'}", f"pretrain={pretrain}", "task.feature=fc9",
+            cfg = compose("transfer", [f"paths.runs={tmp_path / 'runs'}", f"pretrain={pretrain}", *settings,
                                        "data=imagenet", f"data.root={tmp_path / 'absent'}",
                                        f"data.voc_root={tmp_path / 'absent'}"])
-        with pytest.raises(UserError, match="task.feature=fc9: AlexNet has no such layer"):
+        with pytest.raises(UserError, match=message):
             transfer.run(cfg)
     assert not (tmp_path / "absent").exists() and not any((tmp_path / "runs").glob("**/stage.json"))
 

@@ -246,9 +246,12 @@ class Planner:
                     raise UserError(f"experiment set {entry.label}: its transfers would start from {network.folder}, "
                                     f"not from the pre-training planned for them ({pre.stage.path}); keys that change "
                                     "the pre-training belong in experiment.pretrain_overrides")
-                self.jobs.append(Job("transfer", entry.label, seed, tcfg, transfer.stage_for(tcfg, network, task_for(
-                    tcfg.task)), task=sized.task, subset=pre.subset if pre else None, deps=[pre] if pre else [],
-                    budget=rule, pretrain_seed=pretrain_seed if pre else None, probe=pre.probe if pre else None))
+                task_of = task_for(tcfg.task)
+                transfer.check_network(tcfg, network, task_of)  # fails here, not after the pre-training it waits for
+                self.jobs.append(Job("transfer", entry.label, seed, tcfg, transfer.stage_for(tcfg, network, task_of),
+                                     task=sized.task, subset=pre.subset if pre else None, deps=[pre] if pre else [],
+                                     budget=rule, pretrain_seed=pretrain_seed if pre else None,
+                                     probe=pre.probe if pre else None))
 
 
 def plan(cfg: DictConfig) -> list[Job]:

@@ -36,6 +36,12 @@ def stage_for(cfg: DictConfig, source: Source, task: Task) -> Stage:
     return Stage(cfg.paths.runs, "transfer", f"{task.name}-{source.name}", spec)
 
 
+def check_network(cfg: DictConfig, source: Source, task: Task) -> None:
+    """The task's network-dependent settings (a feature layer, a number of stages to freeze) against the network
+    ``source`` names, built on the meta device: before any work, pre-training included."""
+    task.check_network(skeleton(model_config(cfg, source)))
+
+
 def run(cfg: DictConfig) -> Path:
     """``ablate transfer``: train and score one (pre-trained network, task, seed); reuse a finished folder."""
     import torch
@@ -47,7 +53,7 @@ def run(cfg: DictConfig) -> Path:
     st = stage_for(cfg, source, task)
     if st.is_done():
         return st.path
-    task.check_network(skeleton(model_config(cfg, source)))  # before any work: pre-training included
+    check_network(cfg, source, task)
     backbone = load_network(cfg, source)
     roots = {name: datasets.root(cfg, name) for name in task.datasets}
     with st.lock():

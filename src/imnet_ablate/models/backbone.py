@@ -105,12 +105,17 @@ class Backbone(nn.Module):
         each residual stage for ResNets)."""
         raise NotImplementedError
 
+    def check_freeze(self, n: int, key: str = "freeze") -> None:
+        """A number of stages to keep fixed that this network has: tasks call it from ``check_network``, so the
+        config key ``key`` is named before any work starts, not when the transfer reaches ``freeze``."""
+        count = len(self.stages())
+        if n > count:
+            raise UserError(f"{key}={n}: {type(self).__name__} has {count} stages; expected at most {count}")
+
     def freeze(self, n: int) -> None:
         """Keep the first ``n`` stages fixed while transferring (Fast R-CNN kept the early, generic layers)."""
-        stages = self.stages()
-        if n > len(stages):
-            raise UserError(f"freeze={n}: {type(self).__name__} has {len(stages)} stages")
-        for stage in stages[:n]:
+        self.check_freeze(n)
+        for stage in self.stages()[:n]:
             stage.requires_grad_(False)
 
     def freeze_batchnorm(self) -> None:

@@ -132,6 +132,9 @@ class VocDetection(Task):
     choices = {"metric": METRICS}
     results_dir = "detections"
 
+    def check_network(self, network: Any) -> None:
+        network.check_freeze(self.cfg.freeze_convs, "task.freeze_convs")
+
     def run(self, run: TaskRun) -> Metrics:
         task, root = self.cfg, run.roots["voc2007"]
         if run.pretrained:
