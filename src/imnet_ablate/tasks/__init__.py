@@ -137,8 +137,8 @@ class LinearOrFinetune(Task):
     def check_network(self, network: Any) -> None:
         if self.cfg.protocol == "linear":
             network.layer(self.cfg.feature)
-        elif self.cfg.finetune.get("freeze_convs") is not None:
-            network.check_freeze(self.cfg.finetune.freeze_convs, "task.finetune.freeze_convs")
+        elif (freeze := OmegaConf.select(self.cfg, "finetune.freeze_convs")) is not None:
+            network.check_freeze(freeze, "task.finetune.freeze_convs")
 
 def task_for(cfg: DictConfig) -> Task:
     """The task object of a task config (``cfg.task``)."""
