@@ -158,14 +158,36 @@ def test_plan_has_one_pre_training_per_set_and_three_transfers_of_it(demo_cache,
     assert sorted(r["set"] for r in rows if r["kind"] == "probe") == sorted(pretrainings)  # some sets are not fine
 
 
-def test_budget_both_plans_smaller_sets_under_each_rule_and_full_once(demo_cache, tmp_path):
+@pytest.mark.parametrize("reference_images, full_rules", [
+    (4000, ["same_iterations"]),  # the tiny demo's 4 x 1000 images: one schedule, trained under train=demo's rule
+    (48000, ["same_epochs", "same_iterations"]),  # a demo smaller than the recipe's reference: fewer steps
+])
+def test_budget_both_plans_smaller_sets_under_each_rule_and_full_once_at_the_recipes_size(
+        demo_cache, tmp_path, reference_images, full_rules):
     sets = "experiment.sets=[{label:full,subset:full},{label:250pc,subset:250pc,demo:{subset.images_per_class:2}}]"
     proc = run_ablate("run", sets, "budget=both", "transfer_seeds=1", "plan=true",
-                      *tiny_demo_overrides(demo_cache, tmp_path / "runs"))
+                      f"train.reference_images={reference_images}", *tiny_demo_overrides(demo_cache, tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     pre = [(r["set"], r["budget"]) for r in plan_rows(proc.stdout) if r["kind"] == "pretrain"]
-    # full keeps every image: one schedule under both rules, trained once under the recipe's (train=demo's) rule
-    assert sorted(pre) == [("250pc", "same_epochs"), ("250pc", "same_iterations"), ("full", "same_iterations")]
+    assert sorted(pre) == sorted([("250pc", "same_epochs"), ("250pc", "same_iterations"),
+                                  *[("full", rule) for rule in full_rules]])
+
+
+def test_images_per_class_runs_on_a_demo_of_12_images_per_class_unless_the_command_line_says():
+    """The experiment's ``demo:`` settings reach every stage of every set on the demo, before the command line's
+    (which win), and nothing on ImageNet."""
+    from imnet_ablate import config, experiments, sizing
+
+    exp = config.compose("run", ["experiment=images-per-class"]).experiment
+    entry = next(e for e in exp.sets if e.label == "50pc")
+
+    def sized(*command_line: str) -> tuple[int, int]:
+        cfg, _ = sizing.compose("pretrain", [*experiments.set_overrides(exp, entry, "demo"), *command_line])
+        return cfg.data.demo.train_per_class, cfg.subset.images_per_class
+
+    assert sized() == (12, 1)
+    assert sized("data.demo.train_per_class=48") == (48, 2)
+    assert experiments.set_overrides(exp, entry, "imagenet") == ["subset=50pc"]
 
 
 def test_seeds_axes_tie_each_row_to_its_own_pre_training(demo_cache, tmp_path):
@@ -223,3 +245,17 @@ def test_a_task_setting_the_network_cannot_take_fails_before_any_stage(demo_cach
                       "imagenet_probe=false", SETS, f"tasks=[{task}]", *settings)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_experiment_data_settings_are_logged_lose_to_the_command_line_and_a_bad_one_names_its_source(
+        demo_cache, tmp_path):
+    common = ["experiment=images-per-class", "transfer_seeds=1", "tasks=[voc-act]", "plan=true",
+              *tiny_demo_overrides(demo_cache, tmp_path / "runs")]  # data.demo.train_per_class=4
+    proc = run_ablate("run", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "experiment images-per-class on data=demo: data.demo.train_per_class=12 for every stage" in proc.stderr
+    pre = {r["set"]: Path(r["folder"]).name for r in plan_rows(proc.stdout) if r["kind"] == "pretrain"}
+    assert pre["500pc"].startswith("500pc-ipc2-") and pre["50pc"].startswith("50pc-ipc1-")  # 4 per class, not 12
+    bad = run_ablate("run", *common, "+experiment.demo.nope=1")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
+        "ablate run: error: experiment.demo of experiment images-per-class: Could not override 'nope'."

@@ -98,11 +98,18 @@ def _without(overrides: list[str], keys: set[str]) -> list[str]:
     return [o for o in overrides if _override_key(o) not in keys]
 
 
-def set_overrides(entry: DictConfig, data_name: str) -> list[str]:
-    """Overrides that select one pre-training set; ``<data name>:`` entries scale it to that dataset."""
+def data_overrides(exp: DictConfig, data_name: str) -> list[str]:
+    """The experiment's ``<data name>:`` settings: what it changes on that dataset for every stage of every set
+    (images-per-class on the demo: a demo generated with 12 images per class)."""
+    return [f"{k}={v}" for k, v in (exp.get(data_name) or {}).items()]
+
+
+def set_overrides(exp: DictConfig, entry: DictConfig, data_name: str) -> list[str]:
+    """Overrides that select one pre-training set: the experiment's ``<data name>:`` settings, then the set's
+    subset and its own ``<data name>:`` entries (which scale it to that dataset, and win)."""
     overrides = [f"subset={entry.subset}"] if entry.get("subset") else []
     scaled = entry.get(data_name) or {}
-    return overrides + [f"{k}={v}" for k, v in scaled.items()]
+    return [*data_overrides(exp, data_name), *overrides, *[f"{k}={v}" for k, v in scaled.items()]]
 
 
 def stage_config(config_name: str, overrides: list[str]) -> tuple[DictConfig, sizing.Sizing]:
@@ -140,9 +147,18 @@ def budget_rules(cfg: DictConfig) -> list[str]:
 
 
 def keeps_every_image(subset: DictConfig) -> bool:
-    """Every class, every image (labels may be merged): the reference set's size, so both budget rules give it the
-    same schedule (up to images a copy lacks) and ``budget=both`` trains it once."""
+    """Every class, every image (labels may be merged)."""
     return all(subset.get(k) is None for k in ("images_per_class", "classes", "exclude", "budget", "half"))
+
+
+def one_schedule(pcfg: DictConfig) -> bool:
+    """Whether both budget rules give this pre-training the same schedule, so ``budget=both`` trains it once: a set
+    that keeps every image of a training set the recipe's size (``train.reference_images``). A real copy is taken
+    to be ImageNet's (up to images it lacks); the demo's size follows from its settings, and a demo generated with
+    fewer images than the recipe's reference (images-per-class's 12 per class under train=demo's 48,000) gets fewer
+    iterations under same_epochs."""
+    demo_images = sizing.demo_train_images(pcfg)
+    return keeps_every_image(pcfg.subset) and demo_images in (None, int(pcfg.train.reference_images))
 
 
 def fine_classes(subset: DictConfig) -> bool:
@@ -176,14 +192,29 @@ class Planner:
         self.stages: dict[str, Job] = {}
         self.said: dict[str, None] = {}  # what the demo sizing changed, once each
         self.check_task_keys()
+        self.check_data_overrides()
         self.probes = wants_probes(cfg.imagenet_probe, [
-            self.compose("pretrain", [*set_overrides(e, str(cfg.data.name)), *self.exp.get("pretrain_overrides", []),
+            self.compose("pretrain", [*set_overrides(self.exp, e, str(cfg.data.name)),
+                                      *self.exp.get("pretrain_overrides", []),
                                       *self.pretrain_common])[0].subset
             for e in self.exp.sets if str(e.get("pretrain", "subset")) == "subset"])
         if self.probes:
             from . import probe
 
             probe.check(cfg.probe)  # before any stage runs
+
+    def check_data_overrides(self) -> None:
+        """The experiment's ``<data name>:`` settings compose into a pre-training (a bad one is an error naming
+        where it came from, before any stage runs), and the log says what they change."""
+        data_name = str(self.cfg.data.name)
+        if not (shared := data_overrides(self.exp, data_name)):
+            return
+        try:
+            self.compose("pretrain", [*shared, *self.pretrain_common])
+        except UserError as e:
+            raise UserError(f"experiment.{data_name} of experiment {self.exp.get('name')}: {e}") from e
+        log.info(f"experiment {self.exp.get('name')} on data={data_name}: {' '.join(shared)} for every stage "
+                 f"(experiment.{data_name}; the command line's own settings win)")
 
     def check_task_keys(self) -> None:
         """Each ``task.<key>=`` argument names a key of every task it goes to (one line naming the task that lacks it,
@@ -216,7 +247,7 @@ class Planner:
 
         base = [*chosen, f"seed={seed}", *self.exp.get("pretrain_overrides", [])]
         pcfg, _ = self.compose("pretrain", [*base, *self.pretrain_common, f"train.budget={rule}"])
-        if len(self.rules) > 1 and keeps_every_image(pcfg.subset):
+        if len(self.rules) > 1 and one_schedule(pcfg):
             pcfg.train.budget = rule = self.rules[0]  # the same schedule under both rules: trained once
         budget = [f"train.budget={rule}"]
         job = self.add(Job("pretrain", entry.label, seed, pcfg, pretrain.stage(pcfg), subset=subsets.stage(pcfg),
@@ -267,7 +298,7 @@ def plan(cfg: DictConfig) -> list[Job]:
     for rule in planner.rules:
         for pretrain_seed in range(planner.pretrain_seeds):
             for entry in exp.sets:
-                chosen = set_overrides(entry, data_name)
+                chosen = set_overrides(exp, entry, data_name)
                 pre, budget = None, [f"train.budget={rule}"]
                 if str(entry.get("pretrain", "subset")) == "subset":
                     pre, budget = planner.pretraining(entry, chosen, rule, pretrain_seed)

@@ -54,6 +54,15 @@ def demo_images(n: int, demo_per_class: int) -> int:
     return max(1, math.floor(n * demo_per_class / IMAGENET_PER_CLASS + 0.5))
 
 
+def demo_train_images(cfg: DictConfig) -> int | None:
+    """The demo's training set size (every class, ``data.demo.train_per_class`` images each); None on real data."""
+    if not datasets.is_demo(cfg):
+        return None
+    from . import wordnet
+
+    return int(cfg.data.demo.train_per_class) * len(wordnet.load().classes)
+
+
 def _typed(overrides: Sequence[str], key: str) -> bool:
     """Whether the command line sets ``key`` itself, or a section holding it below the group (``subset.budget``)."""
     parts = key.split(".")
