@@ -653,7 +653,8 @@ def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
     Every generator starts here: while planning (plan=true writes nothing) a missing dataset is a one-line error."""
     if not store.writes_allowed():
         raise UserError(f"the demo data is not generated yet ({parent}) and planning writes nothing: generate it "
-                        "first (`ablate data demo`, or run without plan=true)")
+                        "first (run without plan=true, or `ablate data demo` with the same data.demo settings, an "
+                        "experiment's `demo:` ones included)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
