@@ -151,6 +151,10 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("experiment.*_seeds", integer(1)),
     ("tasks", list_of(NAME)),
     ("experiment.*_overrides", list_of(TEXT)),
+    # an experiment's settings on the demo (experiment.<data name>: {key: value}), each checked where it lands: in
+    # the config of every stage it reaches
+    ("experiment.demo.*", ((lambda v: v is None or isinstance(v, (bool, int, float, str, list))),
+                           "a value of a key=value setting")),
     # subsets (their meaning is checked by subsets.read_spec and wordnet)
     ("subset.name", NAME),
     ("subset.classes", ((lambda v: v is None or (_is_int(v) and v >= 1) or list_of(WNIDS)[0](v)),
