@@ -98,18 +98,22 @@ def _without(overrides: list[str], keys: set[str]) -> list[str]:
     return [o for o in overrides if _override_key(o) not in keys]
 
 
+def as_overrides(settings: Mapping[str, Any] | None) -> list[str]:
+    """``{key: value}`` settings of an experiment file as ``key=value`` overrides."""
+    return [f"{k}={v}" for k, v in (settings or {}).items()]
+
+
 def data_overrides(exp: DictConfig, data_name: str) -> list[str]:
     """The experiment's ``<data name>:`` settings: what it changes on that dataset for every stage of every set
     (images-per-class on the demo: a demo generated with 12 images per class)."""
-    return [f"{k}={v}" for k, v in (exp.get(data_name) or {}).items()]
+    return as_overrides(exp.get(data_name))
 
 
 def set_overrides(exp: DictConfig, entry: DictConfig, data_name: str) -> list[str]:
     """Overrides that select one pre-training set: the experiment's ``<data name>:`` settings, then the set's
     subset and its own ``<data name>:`` entries (which scale it to that dataset, and win)."""
     overrides = [f"subset={entry.subset}"] if entry.get("subset") else []
-    scaled = entry.get(data_name) or {}
-    return [*data_overrides(exp, data_name), *overrides, *[f"{k}={v}" for k, v in scaled.items()]]
+    return [*data_overrides(exp, data_name), *overrides, *as_overrides(entry.get(data_name))]
 
 
 def stage_config(config_name: str, overrides: list[str]) -> tuple[DictConfig, sizing.Sizing]:
@@ -157,8 +161,8 @@ def one_schedule(pcfg: DictConfig) -> bool:
     to be ImageNet's (up to images it lacks); the demo's size follows from its settings, and a demo generated with
     fewer images than the recipe's reference (images-per-class's 12 per class under train=demo's 48,000) gets fewer
     iterations under same_epochs."""
-    demo_images = sizing.demo_train_images(pcfg)
-    return keeps_every_image(pcfg.subset) and demo_images in (None, int(pcfg.train.reference_images))
+    return keeps_every_image(pcfg.subset) and \
+        sizing.demo_train_images(pcfg) in (None, int(pcfg.train.reference_images))
 
 
 def fine_classes(subset: DictConfig) -> bool:
