@@ -68,6 +68,25 @@ def test_cache_is_reused_and_invalidated_when_the_tree_changes(tmp_path):
     assert "n01491361" in list_imagenet(root, cache).train
 
 
+def test_planning_lists_a_tree_once_writes_nothing_and_sees_a_change(tmp_path, monkeypatch, caplog):
+    """plan=true composes the data's config once per stage; each used to list the copy again (no cache file)."""
+    from imnet_ablate import imagenet, store
+
+    root, cache = make_tree(tmp_path / "inet"), tmp_path / "cache"
+    scans = []
+    real_scan = imagenet.scan_folders
+    monkeypatch.setattr(imagenet, "scan_folders", lambda *a: scans.append(1) or real_scan(*a))
+    with store.read_only(), caplog.at_level("INFO", logger="imnet_ablate.imagenet"):
+        first = list_imagenet(root, cache)
+        assert list_imagenet(root, cache) == first and len(scans) == 1
+        added = root / "train" / WNIDS[1] / "new.JPEG"
+        added.touch()
+        os.utime(added.parent, ns=(1, 1))
+        assert f"train/{WNIDS[1]}/new.JPEG" in list_imagenet(root, cache).train[WNIDS[1]].paths()
+    assert len(scans) == 2 and not cache.exists()
+    assert "not cached: planning writes nothing" in caplog.text and "cached in" not in caplog.text
+
+
 def test_corrupt_cache_is_rebuilt(tmp_path):
     root, cache = make_tree(tmp_path / "inet"), tmp_path / "cache"
     first = list_imagenet(root, cache)

@@ -44,6 +44,9 @@ class Files:
 
 
 ClassFiles = dict[str, Files]  # wnid -> its files
+# Listings made while planning (plan=true writes nothing, so no cache file), by the cache file they would have gone
+# to: a plan composes the data's config once per stage, and without this each one would list the copy again.
+_PLANNED: dict[Path, tuple[str, ClassFiles, ClassFiles]] = {}
 
 
 @dataclass(frozen=True)
@@ -215,10 +218,12 @@ def _save(path: Path, root: Path, train: Scan, val: Scan) -> tuple[str, ClassFil
             for split, scan in (("train", train), ("val", val)) for wnid, (prefix, listed) in scan.items()]
     checksum = hashlib.sha256(b"".join(b"%s%s\n" % (head, x.digest) for head, x in rows)).hexdigest()
     header = f"# imnet-ablate listing v{CACHE_VERSION}\t{checksum}\t{root}\n".encode("utf-8", "surrogateescape")
-    if store.writes_allowed():  # planning (plan=true) lists without caching
+    files = [{wnid: Files(prefix, x.names) for wnid, (prefix, x) in scan.items()} for scan in (train, val)]
+    if store.writes_allowed():
         store.atomic_write_bytes(path, b"".join([header, *(part for head, x in rows for part in (head, x.line,
                                                                                                   b"\n"))]))
-    files = [{wnid: Files(prefix, x.names) for wnid, (prefix, x) in scan.items()} for scan in (train, val)]
+    else:  # planning: kept for this process only
+        _PLANNED[path] = (checksum, *files)
     return checksum, *files
 
 
@@ -270,11 +275,12 @@ def list_imagenet(root: Path, cache_dir: Path, train_listing: str | None = None,
     key.append(f"{len(train_dirs)}:{len(val_dirs)}")
 
     cache_file = Path(cache_dir) / "listings" / f"{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:24]}.tsv"
-    if (cached := _read_cache(cache_file)) is not None:
+    if (cached := _PLANNED.get(cache_file) or _read_cache(cache_file)) is not None:
         checksum, train_files, val_files = cached
         return Listing(root, train_files, val_files, checksum, cache_file)
 
-    log.info("listing %s (first time; cached in %s)", root, cache_file)
+    log.info("listing %s (first time; %s)", root,
+             f"cached in {cache_file}" if store.writes_allowed() else "not cached: planning writes nothing")
     val_sub = val.relative_to(root).as_posix()
     *train_scan, val_scan = scan_folders(*([] if train_listing else [(train_dirs, "train")]), (val_dirs, val_sub))
     if train_listing:
