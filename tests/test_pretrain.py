@@ -134,6 +134,27 @@ def test_kill_9_then_rerun_gives_the_weights_of_an_uninterrupted_run(reference_r
     assert_same_weights(weights(stage.path), weights(reference_run))
 
 
+def test_fewer_validations_keep_the_folder_and_the_weights(reference_run: Path, tiny_subset: Path,
+                                                            tmp_path: Path) -> None:
+    """train.max_evaluations thins validation (a small set runs many epochs under same_iterations) without touching
+    the network: same folder name, bitwise the same weights, top-1 at epochs 3 and 6 only."""
+    out = pretrain.run(compose(*overrides(tiny_subset, tmp_path, "train.deterministic=true",
+                                          "train.max_evaluations=2")))
+    assert out.name == reference_run.name
+    assert_same_weights(weights(out), weights(reference_run))
+    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows if r[3]] == ["3", "6"] and len(rows) == 6
+    final = json.loads((reference_run / "metrics.json").read_text())["top1"]
+    assert json.loads((out / "metrics.json").read_text())["top1"] == final
+
+
+def test_eval_interval_widens_eval_every_to_at_most_max_evaluations() -> None:
+    t = OmegaConf.create({"eval_every": 1, "max_evaluations": 100})
+    assert [pretrain.eval_interval(t, e) for e in (90, 100, 101, 600, 2300)] == [1, 1, 2, 6, 23]
+    assert pretrain.eval_interval(OmegaConf.create({"eval_every": 5, "max_evaluations": 100}), 90) == 5
+    assert pretrain.eval_interval(OmegaConf.create({"eval_every": 1, "max_evaluations": None}), 600) == 1
+
+
 def test_checkpoint_of_another_config_is_refused(reference_run: Path, tiny_subset: Path, tmp_path: Path) -> None:
     cfg = compose(*overrides(tiny_subset, tmp_path, "train.optimizer.lr=0.03"))
     stage, _ = pretrain.make_stage(cfg, tiny_subset)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = ["config.yaml", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt", "log.txt"]
 METRICS = ["epoch", "iteration", "loss", "top1", "top5", "val_loss", "lr", "images_per_s"]
 # train.* keys that change how a run is operated, not what it computes: kept out of the folder hash.
-OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_every", "compile")
+OPERATIONAL = ("devices", "progress", "tensorboard", "log_every", "checkpoint_every", "compile", "max_evaluations")
 STOP_POLL = 10  # with several processes, agree on a stop every this many steps (each agreement syncs the GPU)
 CHECKPOINT_KEYS = ("stage_hash", "world", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "pos",
                    "iteration", "history", "stats")
@@ -81,6 +81,16 @@ def make_plan(t: DictConfig, n_train: int, world: int) -> Plan:
     total = max(1, round(float(s.length) * per_unit * scale))
     step = max(1, round(float(s.step_every) * per_unit * scale))
     return Plan(iters_per_epoch, total, step, math.ceil(total / iters_per_epoch))
+
+
+def eval_interval(t: DictConfig, epochs: int) -> int:
+    """Epochs between validations: ``eval_every``, widened so that a pre-training validates at most
+    ``max_evaluations`` times before its last step (after which it always does). Under same_iterations a small set
+    runs many epochs (the demo's 50pc: 600; ImageNet's 50 images per class: about 2300), and validating each would
+    cost as much as the training. Validation draws on no random stream the training uses (the loaders have their
+    own generators), so how often it runs never changes the network: the key is operational, outside the hash."""
+    every, most = int(t.eval_every), t.get("max_evaluations")
+    return every if not most else max(every, math.ceil(epochs / int(most)))
 
 
 def subset_folder(cfg: DictConfig) -> Path:
@@ -464,7 +474,7 @@ def end_of_epoch(tr: Training, loss_sum: torch.Tensor, bad_paths: list[str], t0:
     row = {"epoch": tr.epoch, "iteration": tr.it, "loss": round(loss_total / max(1, images), 6), "top1": "",
            "top5": "", "val_loss": "", "lr": float(f"{tr.scheduler.get_last_lr()[0]:.6g}"),
            "images_per_s": round(rate, 1)}
-    if tr.epoch % int(t.eval_every) == 0 or last:
+    if tr.epoch % eval_interval(t, tr.plan.epochs) == 0 or last:
         row.update(evaluate(tr.net, tr.model, tr.val_loader, tr.autocast, tr.num_classes, ctx))
     tr.history.append(row)
     tr.stats = {"loss_sum": 0.0, "images": 0, "bad": 0}

@@ -203,6 +203,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     ("*.epochs", integer(1)),
     ("*.iterations", integer(1)),
     ("*_every", integer(1)),
+    ("train.max_evaluations", optional(integer(1))),
     ("train.devices", integer(1)),
     ("train.deterministic", SWITCH),
     ("train.amp", AUTO_SWITCH),
