@@ -1,6 +1,7 @@
 """The report's rules on a frame of runs: "did not train", deltas per budget rule, what the ± is over."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -125,3 +126,12 @@ def test_runs_that_cannot_differ_give_no_standard_error() -> None:
     table = report.summarize(frame, EXP)
     assert table["delta_se"].isna().all()
     assert not any("standard errors" in n for n in report.warnings(table, EXP))
+
+
+def test_machine_says_where_a_stage_was_computed_or_that_it_was_not_recorded(tmp_path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, numerics in ((old, {}), (new, {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 2})):
+        folder.mkdir()
+        (folder / "stage.json").write_text(json.dumps({"provenance": {"torch": "2.14.1", **numerics}}))
+    assert report.machine(old) == "not recorded (torch 2.14.1)"
+    assert report.machine(new) == "AMD EPYC (AVX2), 2 threads, torch 2.14.1"

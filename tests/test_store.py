@@ -143,3 +143,23 @@ def test_a_folder_made_under_an_older_name_is_reused_by_its_hash(tmp_path):
     assert Stage(tmp_path, "subset", "250pc-ipc7", {"ipc": 7}).path.name.startswith("250pc-ipc7-")
     (old.path / "DONE").unlink()
     assert Stage(tmp_path, "subset", "250pc-ipc6", {"ipc": 6}).path == unfinished  # resumed where it was left
+
+
+def test_provenance_records_the_processor_its_kernels_and_the_threads_of_a_training_process():
+    import torch
+
+    from imnet_ablate import store
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        record = store.provenance()
+    finally:
+        torch.set_num_threads(before)
+    assert (record["cpu"], record["cpu_capability"], record["threads"]) == (
+        store.cpu_model(), torch.backends.cpu.get_cpu_capability(), 1)
+    # a process that never loads torch (building subsets) records no numerics and still does not load it
+    code = ("import sys; from imnet_ablate import store; "
+            "print('cpu' in store.provenance(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,24 @@ def markdown_tables(table: pd.DataFrame) -> str:
     return "\n\n".join(markdown_table(group) for _, group in table.groupby("task", sort=False))
 
 
+def machine(stage_dir: Path) -> str:
+    """How a stage's ``stage.json`` says its numbers were computed: processor, kernels' instruction set, threads,
+    torch; "not recorded" for stages of versions that did not record them."""
+    p = _read_json(stage_dir / "stage.json").get("provenance", {})
+    if "cpu" not in p:
+        return f"not recorded (torch {p.get('torch', '?')})"
+    threads = f"{p['threads']} thread{'s' if p['threads'] != 1 else ''}"
+    return f"{p['cpu']} ({p['cpu_capability']}), {threads}, torch {p.get('torch', '?')}"
+
+
+def computed_on(jobs: list) -> list[str]:
+    """One line per machine setup the report's finished pre-trainings, probes and transfers ran on, with how many
+    stages each: a rerun is bitwise the same only on the same setup (``store.numerics``)."""
+    stages = {j.stage.path for job in jobs for j in [job, *job.deps] if j.stage.is_done()}
+    counts = Counter(machine(path) for path in sorted(stages))
+    return [f"{setup}: {n} stage{'s' if n != 1 else ''}" for setup, n in counts.items()]
+
+
 def warnings(table: pd.DataFrame, exp: DictConfig) -> list[str]:
     """Lines for the reader: sets that did not train (left out of the changes), a baseline that did not (no change
     in its group), tasks whose transfer is deterministic given the network (no spread over transfer seeds), changes
@@ -323,6 +342,10 @@ def write(cfg: DictConfig, jobs: list) -> Path:
         lines += ["![plot](plot.png)", ""]
     if exp.get("notes"):
         lines += ["## Notes", "", str(exp.notes).strip(), ""]
+    if setups := computed_on(jobs):
+        lines += ["## Computed on", "", "A stage's numbers are bitwise the same on a rerun only with the same "
+                  "processor kind, instruction set, thread count and library versions (`stage.json`, provenance).",
+                  "", *[f"- {line}" for line in setups], ""]
     if missing:
         lines += ["## Missing runs", "", *[f"- {m}" for m in missing], ""]
     atomic_write_text(out / "README.md", "\n".join(lines))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -225,7 +226,8 @@ def git_commit() -> str | None:
 
 
 def provenance() -> dict[str, Any]:
-    """What produced a stage's outputs: package and library versions, code version, host, time."""
+    """What produced a stage's outputs: package and library versions, code version, host, time, and what its
+    floating-point results depend on beyond its inputs (``numerics``)."""
     return {
         "package_version": __version__,
         "git_commit": git_commit(),
@@ -233,7 +235,32 @@ def provenance() -> dict[str, Any]:
         "torch": importlib.metadata.version("torch"),  # without importing it: subsets never need torch
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **numerics(),
     }
+
+
+def numerics() -> dict[str, Any]:
+    """The processor, the instruction set torch's CPU kernels use on it, and the intra-op thread count: a training
+    stage's weights are bitwise the same only where these (and the library versions) are. They are not part of the
+    hash: a network trained elsewhere is as valid, its numbers differ within the spread between seeds
+    (docs/benchmarks.md, "Why a rerun can differ in the last digits"). Empty where torch is not loaded (subsets)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def same_hash_folder(folder: Path, stage_hash: str) -> Path | None:
