@@ -14,9 +14,12 @@ a class is seen whole only through many images, and a subset with fewer images p
 is what the images-per-class experiment measures (generator version 1 drew every instance of a class with the same
 traits, so 6 images taught what 24 did).
 
-Every image has its own random generator seeded from (seed, class or scene, index): same seed, byte-identical
-files, whatever the number of worker processes. ``ensure`` generates into a temporary folder and renames it into
-place, with ``manifest.json`` written last, so a folder that exists is complete.
+Every image has its own random generator seeded from (seed, class or scene, index): same seed, byte-identical files,
+whatever the number of worker processes, on one kind of processor. numpy picks its float kernels (sin, exp, ...) by
+the CPU's instruction set, so another kind can round a rare pixel the other way (1 of the tests' tiny demo's 8477
+files differed between numpy's baseline and AVX2 kernels, ``NPY_DISABLE_CPU_FEATURES=X86_V3``). ``ensure`` generates
+into a temporary folder and renames it into place, with ``manifest.json`` written last, so a folder that exists is
+complete.
 """
 from __future__ import annotations
 

@@ -19,9 +19,10 @@ person's own object is); now and then an action's own object is beside a person 
 that action would not hold it. A few persons walk while phoning, reading or taking a photograph, as in VOC.
 
 As ``demo.ensure``: every scene has its own random generator seeded by (seed, scene index), so a seed gives
-byte-identical files whatever the number of workers; the folder is generated beside its final place and renamed
-into it with ``manifest.json`` written last; its name is the hash of the settings (``data.demo.seed`` and the
-``data.demo.voc2012`` section), this generator's version and the pair's, and the WordNet file's checksum.
+byte-identical files whatever the number of workers (on one kind of processor: see ``demo``); the folder is
+generated beside its final place and renamed into it with ``manifest.json`` written last; its name is the hash of
+the settings (``data.demo.seed`` and the ``data.demo.voc2012`` section), this generator's version and the pair's,
+and the WordNet file's checksum.
 """
 from __future__ import annotations
 

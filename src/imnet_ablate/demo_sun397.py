@@ -18,9 +18,9 @@ Layout, as distributed (read by torchvision's ``SUN397`` unchanged)::
     <folder>/manifest.json                              written last; the typical objects of every category
 
 Every image has its own random generator seeded from (seed, category, split, index): same seed, byte-identical
-files, whatever the number of worker processes. ``ensure`` generates like ``demo.ensure`` (temporary folder renamed
-into place) under ``<cache>/demo-sun397/<hash of the parameters, this generator's and the pair's versions, WordNet
-and category lists>``.
+files, whatever the number of worker processes, on one kind of processor (see ``demo``). ``ensure`` generates like
+``demo.ensure`` (temporary folder renamed into place) under ``<cache>/demo-sun397/<hash of the parameters, this
+generator's and the pair's versions, WordNet and category lists>``.
 """
 from __future__ import annotations
 
