@@ -134,4 +134,6 @@ def test_machine_says_where_a_stage_was_computed_or_that_it_was_not_recorded(tmp
         folder.mkdir()
         (folder / "stage.json").write_text(json.dumps({"provenance": {"torch": "2.14.1", **numerics}}))
     assert report.machine(old) == "not recorded (torch 2.14.1)"
+    (old / "stage.json").unlink()
+    assert report.machine(old) == "not recorded (torch ?)"
     assert report.machine(new) == "AMD EPYC (AVX2), 2 threads, torch 2.14.1"
