@@ -242,8 +242,9 @@ def provenance() -> dict[str, Any]:
 def numerics() -> dict[str, Any]:
     """The processor, the instruction set torch's CPU kernels use on it, and the intra-op thread count: a training
     stage's weights are bitwise the same only where these (and the library versions) are. They are not part of the
-    hash: a network trained elsewhere is as valid, its numbers differ within the spread between seeds
-    (docs/benchmarks.md, "Why a rerun can differ in the last digits"). Empty where torch is not loaded (subsets)."""
+    hash: a network trained elsewhere is as valid, though its scores differ, sometimes by more than one machine's
+    spread between seeds (docs/benchmarks.md, "Why a rerun can differ in the last digits"). Empty where torch is not
+    loaded (subsets)."""
     torch = sys.modules.get("torch")
     if torch is None:
         return {}
