@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_ablate, run_dir_of, tiny_demo_overrides, tiny_recipe
-from imnet_ablate import report, store
+from imnet_ablate import cpus, report
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_tiny_experiment_end_to_end_then_rerun_is_a_no_op(demo_cache, tmp_path):
     assert "dog" in (out / "per_class.csv").read_text()
     # where the numbers were computed: each stage ran in a worker of one thread, on this processor
     setup = report.machine(next((tmp_path / "runs" / "pretrain").iterdir()))
-    assert setup.startswith(f"{store.cpu_model()} (") and ", 1 thread, torch " in setup
+    assert setup.startswith(f"{cpus.model()} (") and ", 1 thread, torch " in setup
     assert f"- {setup}: 3 stages" in (out / "README.md").read_text()
 
     again = run_ablate("run", *args(demo_cache, tmp_path))

@@ -148,7 +148,7 @@ def test_a_folder_made_under_an_older_name_is_reused_by_its_hash(tmp_path):
 def test_provenance_records_the_processor_its_kernels_and_the_threads_of_a_training_process():
     import torch
 
-    from imnet_ablate import store
+    from imnet_ablate import cpus, store
 
     before = torch.get_num_threads()
     try:
@@ -157,7 +157,7 @@ def test_provenance_records_the_processor_its_kernels_and_the_threads_of_a_train
     finally:
         torch.set_num_threads(before)
     assert (record["cpu"], record["cpu_capability"], record["threads"]) == (
-        store.cpu_model(), torch.backends.cpu.get_cpu_capability(), 1)
+        cpus.model(), torch.backends.cpu.get_cpu_capability(), 1)
     # a process that never loads torch (building subsets) records no numerics and still does not load it
     code = ("import sys; from imnet_ablate import store; "
             "print('cpu' in store.provenance(), 'torch' in sys.modules)")

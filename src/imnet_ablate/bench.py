@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from . import loaders, pack
+from . import cpus, loaders, pack
 from .errors import UserError
 from .store import atomic_write_json, atomic_write_text, spec_hash
 
@@ -341,7 +341,7 @@ def prepare(cfg: DictConfig) -> tuple[Path, pack.PackedStore]:
     else:
         params = {"n": int(b.images), "w": int(b.width), "h": int(b.height), "q": int(b.quality), "gen": 2}
         root = make_jpegs(Path(cfg.paths.cache) / "bench" / f"jpegs-{spec_hash(params)}", params["n"],
-                          params["w"], params["h"], params["q"], workers=int(cfg.pack.workers) or os.cpu_count() or 1)
+                          params["w"], params["h"], params["q"], workers=int(cfg.pack.workers) or cpus.available())
     listing = pack.train_listing(root, Path(cfg.paths.cache), cfg.data.get("train_listing"))[: int(b.images)]
     return root, pack.PackedStore(pack.ensure(root, listing, Path(cfg.pack.root), cfg.pack))
 
@@ -437,7 +437,7 @@ def run(cfg: DictConfig) -> Path:
     what = str(cfg.what)
     if what not in ("loader", "model", "train"):
         raise UserError(f"what={what}: expected loader, model or train")
-    torch.set_num_threads(max(1, int(cfg.bench.threads) or (os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, int(cfg.bench.threads) or cpus.available()))
     device = _device(cfg)
     rows: list[dict] = []
     runs: dict[str, list[Run]] = {}  # per-round (images, wall s, CPU s) of the loader pipelines

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import datasets, imagenet, inputs, store, sun397, voc_actions
+from . import cpus, datasets, imagenet, inputs, store, sun397, voc_actions
 from .errors import UserError
 from .progress import Progress
 
@@ -123,7 +123,7 @@ def read_check(cfg: DictConfig) -> Check:
         raise UserError(f"check.what={c.what}: expected one of {', '.join(WHAT)}")
     workers = c.workers
     if workers == "auto":
-        workers = os.cpu_count() or 1
+        workers = cpus.available()
     elif not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         raise UserError(f"check.workers={c.workers}: expected auto or a whole number >= 1")
     for key in ("max_show", "min_side"):

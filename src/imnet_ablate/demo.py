@@ -43,7 +43,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image
 
-from . import wordnet
+from . import cpus, wordnet
 from .errors import UserError
 from . import store
 from .progress import Progress
@@ -589,8 +589,7 @@ def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 
 def worker_count() -> int:
     """Two single-threaded worker processes ran faster and steadier than threads on 2-core machines."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(2, cpus))
+    return min(2, cpus.available())
 
 
 def start_method() -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import sizing
+from . import cpus, sizing
 from .config import app_overrides
 from .errors import UserError
 from .progress import duration
@@ -432,7 +432,7 @@ def worker_count(cfg: DictConfig) -> int:
         return max(1, int(cfg.jobs))
     import torch
 
-    return 1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
+    return 1 if torch.cuda.is_available() else cpus.available()
 
 
 def execute(jobs: list[Job], workers: int) -> tuple[int, int]:

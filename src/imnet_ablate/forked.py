@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
+from . import cpus
 from .errors import UserError
 
 T = TypeVar("T")
@@ -74,9 +75,10 @@ def _collect(pid: int, read_fd: int, items: Sequence[T], here: Callable[[T], R],
 def map_forked(items: Sequence[T], here: Callable[[T], R], encode: Callable[[T], bytes],
                decode: Callable[[T, bytes], R], workers: int | None = None, min_items: int = 32) -> list[R]:
     """``[here(x) for x in items]``, with the items dealt round-robin (big and small ones mix) over this process and
-    ``workers - 1`` forked children (default: one per core). A child computes ``encode(x)``, and this process turns
-    it back with ``decode(x, data)``, which must equal ``here(x)``. A UserError in any share is raised here."""
-    workers = min(workers or os.cpu_count() or 1, MAX_WORKERS, len(items))
+    ``workers - 1`` forked children (default: one per CPU this process may use). A child computes ``encode(x)``,
+    and this process turns it back with ``decode(x, data)``, which must equal ``here(x)``. A UserError in any share
+    is raised here."""
+    workers = min(workers or cpus.available(), MAX_WORKERS, len(items))
     if workers < 2 or len(items) < min_items or not can_fork():
         return [here(x) for x in items]
     chunks = [items[i::workers] for i in range(workers)]

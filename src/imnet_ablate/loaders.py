@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from . import inputs
+from . import cpus, inputs
 from .errors import UserError
 
 try:  # libjpeg-turbo without torch's per-call overhead; optional (extra "fast")
@@ -306,8 +306,8 @@ def worker_count(value: int | str, processes: int = 1) -> int:
     training threads (alexnet_small on 2 cores: 1,052 img/s without a worker, 749 with one)."""
     if value != "auto":
         return int(value)
-    cpus = len(os.sched_getaffinity(0)) // processes
-    return 0 if cpus <= 2 else cpus - 1
+    per_process = cpus.available() // processes
+    return 0 if per_process <= 2 else per_process - 1
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, loader_cfg: DictConfig,

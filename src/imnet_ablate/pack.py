@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import inputs, loaders
+from . import cpus, inputs, loaders
 from .errors import UserError
 from .progress import Progress
 from .store import Stage, atomic_path, atomic_write_json, atomic_write_text
@@ -198,7 +197,7 @@ def ensure(root: Path, listing: Sequence[tuple[str, str]], stage_root: Path, cfg
 
             atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(composed, resolve=True))
         counts = pack(Path(root), listing, stage.path, params["short_side"], params["quality"],
-                      workers=int(cfg_pack.workers) or (os.cpu_count() or 1),
+                      workers=int(cfg_pack.workers) or cpus.available(),
                       chunk_size=int(cfg_pack.chunk_size), progress=bool(cfg_pack.get("progress", True)),
                       max_pixels=loaders.max_pixels(cfg_pack))
         if counts["bad"]:

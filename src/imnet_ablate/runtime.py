@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +30,6 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(choice)
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager

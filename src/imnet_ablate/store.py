@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__, inputs
+from . import __version__, cpus, inputs
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -248,20 +247,8 @@ def numerics() -> dict[str, Any]:
     torch = sys.modules.get("torch")
     if torch is None:
         return {}
-    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": cpus.model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads()}
-
-
-@functools.cache
-def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo`` on Linux), else what the platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def same_hash_folder(folder: Path, stage_hash: str) -> Path | None:

@@ -213,7 +213,7 @@ RULES: list[tuple[str, tuple[Check, str]]] = [
     # loaders
     ("*.num_workers", either("auto", integer(0))),
     ("check.workers", either("auto", integer(1))),
-    ("*.workers", either("auto", integer(0))),  # pack: 0 = every core
+    ("*.workers", either("auto", integer(0))),  # pack: 0 = every CPU this job may use
     ("loader.pin_memory", AUTO_SWITCH),
     ("loader.persistent_workers", SWITCH),
     ("*.prefetch_factor", integer(1)),
