@@ -2,7 +2,8 @@
 # Input-pipeline check on a GPU machine (issue 7), under 8 minutes on one H100: generates ImageNet-size JPEGs,
 # packs them, then times the reference recipe, the files path, the packed path (CPU decode and batched GPU decode),
 # AlexNet alone (224 px, batch 256, bf16, channels_last), whole train steps fed by the packed loader, the same two
-# for ResNet-50 (model alone and end to end, one run), and a few hundred voc-det steps; prints one table last.
+# for ResNet-50 (model alone and end to end, one run), and a few hundred voc-det steps; prints one table last,
+# with the setup (GPU, CUDA, cuDNN) the voc-det transfer's stage.json recorded.
 #
 # On a bare device machine, from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
@@ -71,4 +72,7 @@ for net in ("alexnet", "resnet50"):  # each model's first model-only row against
         print(f"alexnet end-to-end / reference loader: {train['img_per_s'] / by['reference']['img_per_s']:.2f} "
               "(goal >= 3)")
 print(f"voc-det: {det}")
+from imnet_ablate import report  # what its stage.json recorded: the GPU, CUDA and cuDNN on a GPU machine
+for stage in sorted((out / "runs" / "transfer").glob("*/stage.json")):
+    print(f"voc-det computed on: {report.machine(stage.parent)}")
 PY

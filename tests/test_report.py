@@ -137,3 +137,7 @@ def test_machine_says_where_a_stage_was_computed_or_that_it_was_not_recorded(tmp
     (old / "stage.json").unlink()
     assert report.machine(old) == "not recorded (torch ?)"
     assert report.machine(new) == "AMD EPYC (AVX2), 2 threads, torch 2.14.1"
+    gpu = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 16, "gpu": "NVIDIA H200", "cuda": "12.8",
+           "cudnn": 91002}
+    (new / "stage.json").write_text(json.dumps({"provenance": {"torch": "2.11.0", **gpu}}))
+    assert report.machine(new) == "NVIDIA H200 (CUDA 12.8, cuDNN 91002), torch 2.11.0"

@@ -163,3 +163,22 @@ def test_provenance_records_the_processor_its_kernels_and_the_threads_of_a_train
             "print('cpu' in store.provenance(), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_stage_computed_on_a_gpu_records_the_gpu_and_its_libraries(tmp_path, monkeypatch):
+    """A GPU's numbers depend on the GPU, CUDA and cuDNN, which the processor's name does not tell; a CPU stage
+    records none of them. (scripts/gpu_check.sh shows what a real GPU transfer recorded.)"""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: asked.append(device) or "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    stage = Stage(tmp_path, "transfer", "voc-det", {"seed": 0})
+    stage.path.mkdir(parents=True)
+    stage.write_spec(device=torch.device("cuda", 1))
+    record = json.loads((stage.path / "stage.json").read_text())["provenance"]
+    assert (record["gpu"], record["cuda"], record["cudnn"]) == ("NVIDIA H200", "12.8", 91002)
+    assert asked == [torch.device("cuda", 1)]  # the GPU this stage computes on, not the first one
+    stage.write_spec(device=torch.device("cpu"))
+    assert "gpu" not in json.loads((stage.path / "stage.json").read_text())["provenance"]

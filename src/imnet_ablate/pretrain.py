@@ -265,7 +265,7 @@ def run(cfg: DictConfig) -> Path:
         with stage.lock() if ctx.main else contextlib.nullcontext():
             if not flag(ctx.main and stage.is_done(), ctx):  # someone else finished while we waited
                 if ctx.main:
-                    stage.write_spec({"subset_dir": str(folder)})
+                    stage.write_spec({"subset_dir": str(folder)}, ctx.device)
                     store.atomic_write_text(stage.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
                 with runtime.log_to(stage.path / "log.txt", ctx.main):
                     train(cfg, stage, folder, num_classes, ctx)

@@ -71,14 +71,15 @@ def run(cfg: DictConfig) -> Path:
         return st.path
     pre_dir = pretrain.run(pretrain_only(cfg))
     full = subsets.build(full_cfg(cfg))
+    device = runtime.pick_device(cfg.device)
     with st.lock():
         if st.is_done():
             return st.path
-        st.write_spec({"pretrain_dir": str(pre_dir), "full_dir": str(full)})
+        st.write_spec({"pretrain_dir": str(pre_dir), "full_dir": str(full)}, device)
         store.atomic_write_text(st.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         with runtime.log_to(st.path / "log.txt"):
             started = time.perf_counter()
-            record = probe(cfg, st, pre_dir, full)
+            record = probe(cfg, st, pre_dir, full, device)
             record["seconds"] = round(time.perf_counter() - started, 1)
         store.atomic_write_json(st.path / "metrics.json", record)
         for scratch in ("features_train.npy", "features_val.npy", "checkpoint.pt"):
@@ -196,9 +197,9 @@ def score(head: torch.nn.Linear, feats: np.ndarray, labels: np.ndarray, mean: to
     return {"top1": round(100 * hits1 / n, 4), "top5": round(100 * hits5 / n, 4), "val_loss": round(loss / n, 6)}
 
 
-def probe(cfg: DictConfig, st: store.Stage, pre_dir: Path, full: Path) -> dict[str, Any]:
+def probe(cfg: DictConfig, st: store.Stage, pre_dir: Path, full: Path, device: torch.device) -> dict[str, Any]:
     """Features, the new 1000-way layer, its scores; ``metrics.csv`` (loss per epoch) and ``head.pt`` written."""
-    p, device = cfg.probe, runtime.pick_device(cfg.device)
+    p = cfg.probe
     model, pre_metrics = models.load_pretrained(pre_dir)
     num_classes = int(json.loads((full / "manifest.json").read_text())["num_classes"])
     train_x, train_y = features(cfg, model, full, "train", 2 if p.mirror else 1, st, device)

@@ -235,11 +235,14 @@ def markdown_tables(table: pd.DataFrame) -> str:
 
 def machine(stage_dir: Path) -> str:
     """How a stage's ``stage.json`` says its numbers were computed: processor, kernels' instruction set, threads,
-    torch; "not recorded" for stages of versions that did not record them (or whose ``stage.json`` is gone)."""
+    torch, or on a GPU its name, CUDA, cuDNN and torch; "not recorded" for stages of versions that did not record
+    them (or whose ``stage.json`` is gone)."""
     spec = stage_dir / "stage.json"
     p = _read_json(spec).get("provenance", {}) if spec.is_file() else {}
     if "cpu" not in p:
         return f"not recorded (torch {p.get('torch', '?')})"
+    if "gpu" in p:
+        return f"{p['gpu']} (CUDA {p['cuda']}, cuDNN {p['cudnn']}), torch {p.get('torch', '?')}"
     threads = f"{p['threads']} thread{'s' if p['threads'] != 1 else ''}"
     return f"{p['cpu']} ({p['cpu_capability']}), {threads}, torch {p.get('torch', '?')}"
 

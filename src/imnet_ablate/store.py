@@ -224,9 +224,9 @@ def git_commit() -> str | None:
         return None
 
 
-def provenance() -> dict[str, Any]:
+def provenance(device: Any = None) -> dict[str, Any]:
     """What produced a stage's outputs: package and library versions, code version, host, time, and what its
-    floating-point results depend on beyond its inputs (``numerics``)."""
+    floating-point results depend on beyond its inputs (``numerics``; ``device``: the torch device it computes on)."""
     return {
         "package_version": __version__,
         "git_commit": git_commit(),
@@ -234,21 +234,25 @@ def provenance() -> dict[str, Any]:
         "torch": importlib.metadata.version("torch"),  # without importing it: subsets never need torch
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **numerics(),
+        **numerics(device),
     }
 
 
-def numerics() -> dict[str, Any]:
-    """The processor, the instruction set torch's CPU kernels use on it, and the intra-op thread count: a training
-    stage's weights are bitwise the same only where these (and the library versions) are. They are not part of the
-    hash: a network trained elsewhere is as valid, though its scores differ, sometimes by more than one machine's
-    spread between seeds (docs/benchmarks.md, "Why a rerun can differ in the last digits"). Empty where torch is not
-    loaded (subsets)."""
+def numerics(device: Any = None) -> dict[str, Any]:
+    """The processor, the instruction set torch's CPU kernels use on it, and the intra-op thread count, and on a
+    CUDA ``device`` the GPU's name and the CUDA and cuDNN versions: a training stage's weights are bitwise the same
+    only where these (and the library versions) are. They are not part of the hash: a network trained elsewhere is
+    as valid, though its scores differ, sometimes by more than one machine's spread between seeds
+    (docs/benchmarks.md, "Why a rerun can differ in the last digits"). Empty where torch is not loaded (subsets)."""
     torch = sys.modules.get("torch")
     if torch is None:
         return {}
-    return {"cpu": cpus.model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+    found = {"cpu": cpus.model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "threads": torch.get_num_threads()}
+    if device is not None and torch.device(device).type == "cuda":
+        found |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                  "cudnn": torch.backends.cudnn.version()}
+    return found
 
 
 def same_hash_folder(folder: Path, stage_hash: str) -> Path | None:
@@ -346,10 +350,11 @@ class Stage:
         }
         atomic_write_json(self.path / DONE, record)
 
-    def write_spec(self, extra: Mapping[str, Any] | None = None) -> None:
-        """``stage.json``: the spec the hash was computed from, plus provenance. Written before the work starts."""
+    def write_spec(self, extra: Mapping[str, Any] | None = None, device: Any = None) -> None:
+        """``stage.json``: the spec the hash was computed from, plus provenance (``device``: the torch device the
+        stage computes on, where it uses one). Written before the work starts."""
         atomic_write_json(self.path / "stage.json", {"kind": self.kind, "hash": self.hash, "spec": self.spec,
-                                                     "provenance": provenance(), **(extra or {})})
+                                                     "provenance": provenance(device), **(extra or {})})
 
     # -- locking ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -56,13 +56,13 @@ def run(cfg: DictConfig) -> Path:
     check_network(cfg, source, task)
     backbone = load_network(cfg, source)
     roots = {name: datasets.root(cfg, name) for name in task.datasets}
+    device = runtime.pick_device(cfg.device)
     with st.lock():
         if st.is_done():
             return st.path
-        st.write_spec()
+        st.write_spec(device=device)
         atomic_write_text(st.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         with runtime.log_to(st.path / "log.txt"):
-            device = runtime.pick_device(cfg.device)
             log.info("transfer %s from %s (seed %d) on %s -> %s", task.name, source.name, seed, device, st.path)
             started = time.perf_counter()
             torch.manual_seed(seed)  # new layers, dropout, proposal sampling: the seed picks them all
