@@ -348,7 +348,8 @@ def write(cfg: DictConfig, jobs: list) -> Path:
         lines += ["## Notes", "", str(exp.notes).strip(), ""]
     if setups := computed_on(jobs):
         lines += ["## Computed on", "", "A stage's numbers are bitwise the same on a rerun only with the same "
-                  "processor kind, instruction set, thread count and library versions (`stage.json`, provenance).",
+                  "processor kind, instruction set, thread count and library versions, and on a GPU the same "
+                  "GPU, CUDA and cuDNN (`stage.json`, provenance).",
                   "", *[f"- {line}" for line in setups], ""]
     if missing:
         lines += ["## Missing runs", "", *[f"- {m}" for m in missing], ""]
