@@ -236,13 +236,12 @@ def test_a_new_demo_generator_gets_new_transfer_folders(monkeypatch, generator, 
     assert transfer.stage(cfg).name != before
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 def test_a_cuda_device_that_is_not_there_fails_before_the_transfer_folder_is_written(demo_cache, tmp_path):
     """The device is picked before ``stage.json`` is written (which records it): a bad ``device`` leaves no
-    half-made transfer folder behind."""
+    half-made transfer folder behind. No GPU is visible to the command, on a GPU machine too."""
     runs = tmp_path / "runs"
     proc = run_ablate("transfer", "task=voc-cls", "pretrain=scratch", "device=cuda",
-                      *tiny_demo_overrides(demo_cache, runs))
+                      *tiny_demo_overrides(demo_cache, runs), env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2, proc.stderr
     assert "device=cuda: no CUDA device visible; use device=auto or device=cpu" in proc.stderr
     assert not list(runs.glob("transfer/*"))
