@@ -9,7 +9,6 @@ Prints one Markdown table row per measurement.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from imnet_ablate import loaders, models
+from imnet_ablate import cpus, loaders, models
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -127,11 +126,10 @@ def main() -> None:
     args.amp = args.compile = args.gpu
     args.steps = args.steps or (50 if args.gpu else 10)
     args.warmup = args.warmup if args.warmup is not None else (10 if args.gpu else 2)
-    cpus = len(os.sched_getaffinity(0))
     args.workers = args.workers if args.workers is not None else loaders.worker_count("auto")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {cpus} CPUs, {torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__}, {cpus.available()} CPUs, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if args.gpu else 'CPU only'}")
     print("| model | px | batch | device | input | model only img/s | model only img/CPU-s | end to end img/s "
           "| e2e / model |")

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from . import cpus, loaders, pack
+from . import cpus, loaders, pack, runtime
 from .errors import UserError
 from .store import atomic_write_json, atomic_write_text, spec_hash
 
@@ -264,11 +264,6 @@ def _litdata_sample(transform: loaders.Transform, item: dict) -> tuple[torch.Ten
 
 
 # -- model ------------------------------------------------------------------------------------------------------
-def _device(cfg: DictConfig) -> torch.device:
-    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                        "cpu" if cfg.device == "auto" else cfg.device)
-
-
 def train_step_fn(cfg: DictConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One SGD step of ``bench.model`` on a uint8 batch: normalise on the device, bf16 autocast + channels_last
     on CUDA, ``torch.compile`` when ``bench.compile``."""
@@ -378,7 +373,7 @@ def bench_loaders(cfg: DictConfig, root: Path, store: pack.PackedStore
                          workers) if b.litdata else None
     if lit is not None:
         add("litdata (resized_crop)", lit, "same stored bytes, same decode + crop")
-    device = _device(cfg)
+    device = runtime.pick_device(cfg.device)
     if b.gpu_decode == "force" or (b.gpu_decode == "auto" and device.type == "cuda"):
         add(f"packed-{device.type}-decode", _keyed(PackedBytes(store, idx), batch, workers, collate=list),
             "batched decode_jpeg(device) + RandomResizedCrop", consume=gpu_decode_consumer(rrc, device.type))
@@ -438,7 +433,7 @@ def run(cfg: DictConfig) -> Path:
     if what not in ("loader", "model", "train"):
         raise UserError(f"what={what}: expected loader, model or train")
     torch.set_num_threads(max(1, int(cfg.bench.threads) or cpus.available()))
-    device = _device(cfg)
+    device = runtime.pick_device(cfg.device)
     rows: list[dict] = []
     runs: dict[str, list[Run]] = {}  # per-round (images, wall s, CPU s) of the loader pipelines
     ratio = None
